@@ -1,0 +1,102 @@
+"""`captioner` command line: argument parsing only; the work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import evaluate, train
+from .evaluate import add_decoding_arguments, decoding_options
+
+
+def _caption_parser(sub) -> None:
+    p = sub.add_parser("caption", help="caption image files", description="Caption one or more images.")
+    p.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, GIF, ...)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    add_decoding_arguments(p)
+    p.set_defaults(func=_run_caption)
+
+
+def _run_caption(args: argparse.Namespace) -> int:
+    from .api import load_captioner
+    from .images import ImageError, open_image
+
+    options = decoding_options(args)
+    captioner = load_captioner(args.checkpoint, device=args.device)
+    failures = 0
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start : start + args.batch_size]
+        opened, errors = [], {}
+        for path in paths:
+            try:
+                opened.append((path, open_image(path)))
+            except ImageError as exc:
+                errors[path] = str(exc)
+        results = iter(captioner.caption([im for _, im in opened], options)) if opened else iter(())
+        readable = {path for path, _ in opened}
+        for path in paths:  # keep the order the user gave
+            if path not in readable:
+                failures += 1
+                _print_caption_error(path, errors[path], args.json)
+                continue
+            result = next(results)
+            if args.json:
+                print(json.dumps({
+                    "image": str(path),
+                    "caption": result.caption,
+                    "candidates": [{"caption": c.caption, "log_prob": c.log_prob} for c in result.candidates],
+                }))
+            else:
+                print(f"{path}: {result.caption}")
+                for c in result.candidates[1:]:
+                    print(f"    {c.log_prob:8.3f}  {c.caption}")
+    return 1 if failures == len(args.images) else 0
+
+
+def _print_caption_error(path: Path, message: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"image": str(path), "error": message}))
+    else:
+        print(f"{path}: error: {message}", file=sys.stderr)
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", parents=[train.get_args_parser(add_help=False)], help="train a captioner",
+                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=lambda args: (train.main(args), 0)[1])
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", parents=[evaluate.get_args_parser(add_help=False)],
+                       help="score a checkpoint with the COCO metrics", description=evaluate.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=lambda args: (evaluate.main(args), 0)[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description="Show, Attend and Tell image captioning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _caption_parser(sub)
+    _evaluate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"captioner: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""COCO captions: the official annotation files and Karpathy's split file, as image records and datasets.
+
+An `ImageRecord` is one image with all its reference captions (what evaluation needs); `CaptionDataset`
+expands records to one item per (image, caption) for training, reading image features from the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+KARPATHY_TRAIN_SPLITS = ("train", "restval")  # restval counts as training data, as in the literature
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: int
+    path: Path
+    captions: tuple[str, ...]
+
+
+def load_coco_captions(captions_file: str | Path, images_dir: str | Path) -> list[ImageRecord]:
+    """Official COCO format (`captions_train2017.json` + `train2017/`), read with pycocotools."""
+    from pycocotools.coco import COCO
+
+    captions_file, images_dir = Path(captions_file), Path(images_dir)
+    if not captions_file.is_file():
+        raise FileNotFoundError(f"captions file not found: {captions_file}")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+        coco = COCO(str(captions_file))
+    records = []
+    for image_id in sorted(coco.getImgIds()):
+        info = coco.loadImgs(image_id)[0]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        captions = tuple(a["caption"].strip() for a in anns if a["caption"].strip())
+        if captions:
+            records.append(ImageRecord(image_id, images_dir / info["file_name"], captions))
+    return records
+
+
+def load_karpathy_split(
+    split_file: str | Path, image_root: str | Path, splits: Iterable[str] = KARPATHY_TRAIN_SPLITS
+) -> list[ImageRecord]:
+    """Karpathy's `dataset_coco.json`: images carry `filepath`, `filename`, `split`, `cocoid`, `sentences`."""
+    split_file, image_root = Path(split_file), Path(image_root)
+    if not split_file.is_file():
+        raise FileNotFoundError(f"split file not found: {split_file}")
+    wanted = set(splits)
+    records = []
+    for image in json.loads(split_file.read_text())["images"]:
+        if image["split"] not in wanted:
+            continue
+        captions = tuple(s["raw"].strip() for s in image["sentences"] if s["raw"].strip())
+        image_id = int(image.get("cocoid", image.get("imgid")))
+        path = image_root / image.get("filepath", "") / image["filename"]
+        if captions:
+            records.append(ImageRecord(image_id, path, captions))
+    return records
+
+
+def load_caption_texts(captions_file: str | Path) -> list[str]:
+    """Only the caption strings of a COCO-format file (e.g. text for a language model or vocabulary)."""
+    data = json.loads(Path(captions_file).read_text())
+    return [a["caption"].strip() for a in data["annotations"] if a["caption"].strip()]
+
+
+class CaptionDataset(Dataset):
+    """One item per (image, caption): (features (L, D) float32, token ids (n+2,) with START/END)."""
+
+    def __init__(self, records: Sequence[ImageRecord], features, vocab: Vocabulary, max_words: int = 30):
+        self.features = features  # anything with .get(image_id) -> (L, D) tensor and .has(image_id)
+        self.items: list[tuple[int, list[int]]] = []
+        skipped = 0
+        for record in records:
+            if not features.has(record.image_id):
+                skipped += 1
+                continue
+            for caption in record.captions:
+                self.items.append((record.image_id, vocab.encode(caption, max_words)))
+        if skipped:
+            log.warning("%d images have no features (unreadable or missing files) and are skipped", skipped)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_id, ids = self.items[index]
+        return self.features.get(image_id), torch.tensor(ids, dtype=torch.long)
+
+
+def collate_captions(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> features (B, L, D), captions (B, T+1) padded with PAD (the loss masks PAD out)."""
+    features = torch.stack([f for f, _ in batch])
+    captions = torch.nn.utils.rnn.pad_sequence([c for _, c in batch], batch_first=True, padding_value=pad_id)
+    return features, captions

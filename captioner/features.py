@@ -1,0 +1,151 @@
+"""On-disk feature cache: encode each image once with the frozen encoder, train from the cache.
+
+Layout of one cache folder (one encoder + image size + image list):
+    index.json     encoder name, preprocessing, grid, image ids (row order)
+    features.npy   (N, L, D) float16, memory-mapped: full COCO does not need to fit in RAM
+    status.npy     (N,) int8: 0 = not yet encoded, 1 = done, 2 = unreadable image (skipped)
+Building is resumable: rows already marked done are not encoded again after an interruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .coco import ImageRecord
+from .encoder import Encoder, Preprocessing, prepare_cpu_inference
+from .images import ImageError, open_image
+
+log = logging.getLogger(__name__)
+
+TODO, DONE, FAILED = 0, 1, 2
+
+
+class ImageFileDataset(Dataset):
+    """Loads and preprocesses images; an unreadable one yields None (reported, then skipped)."""
+
+    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, indices: Sequence[int]):
+        self.paths, self.preprocessing, self.indices = paths, preprocessing, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        index = self.indices[i]
+        try:
+            return index, self.preprocessing(open_image(self.paths[index])), None
+        except ImageError as exc:
+            return index, None, str(exc)
+
+
+def _collate_images(batch):
+    return batch  # keep Nones visible to the caller
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+class FeatureStore:
+    """Read side of a cache folder. `get(image_id)` -> (L, D) float32 tensor."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.index = json.loads((self.folder / "index.json").read_text())
+        self.row_of = {int(i): row for row, i in enumerate(self.index["image_ids"])}
+        self.features = np.load(self.folder / "features.npy", mmap_mode="r")
+        self.status = np.load(self.folder / "status.npy")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.index["grid"])
+
+    def has(self, image_id: int) -> bool:
+        row = self.row_of.get(int(image_id))
+        return row is not None and self.status[row] == DONE
+
+    def get(self, image_id: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.features[self.row_of[int(image_id)]], dtype=np.float32))
+
+    def failed_ids(self) -> list[int]:
+        return [int(i) for i, s in zip(self.index["image_ids"], self.status, strict=True) if s == FAILED]
+
+
+def cache_folder(cache_root: str | Path, encoder: Encoder, records: Sequence[ImageRecord]) -> Path:
+    """A folder name that changes whenever the encoder, its input size or the image list changes."""
+    key = hashlib.sha256()
+    key.update(json.dumps([encoder.name, encoder.preprocessing.to_json(), encoder.fine_tune_blocks]).encode())
+    for record in records:
+        key.update(f"{record.image_id}:{record.path}\n".encode())
+    size = encoder.preprocessing.image_size
+    return Path(cache_root) / f"{encoder.name}-{size}px-{len(records)}img-{key.hexdigest()[:10]}"
+
+
+def build_feature_store(
+    records: Sequence[ImageRecord],
+    encoder: Encoder,
+    cache_root: str | Path,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> FeatureStore:
+    """Encode every record's image once (resuming a partial cache) and return the store."""
+    folder = cache_folder(cache_root, encoder, records)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = next(encoder.parameters()).device
+    if device.type == "cpu":
+        prepare_cpu_inference()
+    encoder.eval()
+    index_file, features_file, status_file = folder / "index.json", folder / "features.npy", folder / "status.npy"
+    if not index_file.exists():
+        grid = encoder.grid_size()
+        index = {
+            "encoder": encoder.name,
+            "preprocessing": encoder.preprocessing.to_json(),
+            "grid": list(grid),
+            "feature_dim": encoder.feature_dim,
+            "image_ids": [r.image_id for r in records],
+        }
+        shape = (len(records), grid[0] * grid[1], encoder.feature_dim)
+        np.lib.format.open_memmap(features_file, mode="w+", dtype=np.float16, shape=shape).flush()
+        np.save(status_file, np.zeros(len(records), dtype=np.int8))
+        index_file.write_text(json.dumps(index))  # written last: its presence means the files exist
+    status = np.load(status_file)
+    todo = [i for i, s in enumerate(status) if s == TODO]
+    if todo:
+        features = np.load(features_file, mmap_mode="r+")
+        loader = DataLoader(
+            ImageFileDataset([r.path for r in records], encoder.preprocessing, todo),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate_images,
+        )
+        bar = tqdm(total=len(todo), desc=f"encoding images ({encoder.name})", unit="img", disable=not progress)
+        with torch.no_grad():
+            for batch in loader:
+                good = [(i, x) for i, x, _ in batch if x is not None]
+                for i, _, error in batch:
+                    if error is not None:
+                        log.warning("skipping unreadable image: %s", error)
+                        status[i] = FAILED
+                if good:
+                    grids = encoder(torch.stack([x for _, x in good]).to(device))  # (b, L, D)
+                    rows = [i for i, _ in good]
+                    features[rows] = grids.cpu().numpy().astype(np.float16)
+                    status[rows] = DONE
+                features.flush()  # features before status: a row marked done is really on disk
+                _save_atomic(status_file, status)
+                bar.update(len(batch))
+        bar.close()
+        del features
+    return FeatureStore(folder)

@@ -1,0 +1,84 @@
+"""Safe image opening shared by the CLI, training and the service.
+
+Every image becomes an 8-bit RGB PIL image: EXIF orientation applied, first frame of animations, any mode
+(grayscale, palette, RGBA, CMYK, 16-bit) converted, and a pixel cap checked *before* decoding so a tiny
+file that claims a gigapixel size is refused without allocating it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000  # well above any photo, well below what fills memory
+
+
+class ImageError(ValueError):
+    """An image that cannot be used. `kind` tells callers (e.g. the HTTP service) which status fits."""
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind  # "not_image" | "corrupt" | "too_large"
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open a path or bytes as RGB, raising ImageError with a clear message when it cannot be used."""
+    name = "upload" if isinstance(source, bytes | bytearray) else str(source)
+    if not isinstance(source, bytes | bytearray):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file", kind="missing")
+        source = path.read_bytes()
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and past 2x errors) on big images; we apply our own cap below instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source))
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not a recognised image format", kind="not_image") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: {exc}", kind="too_large") from exc
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read image header ({exc})") from exc
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{name}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}",
+            kind="too_large",
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"{name}: image has no pixels")
+    try:
+        image.seek(0)  # first frame of GIF/WebP/APNG animations
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise ImageError(f"{name}: corrupt or truncated image data ({exc})") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Alpha is composited on white (transparent logos stay readable)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale by the real range rather than clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 0 else 1.0
+        scale = 255.0 / (65535.0 if peak > 255 else max(peak, 255.0))
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        array = (array - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(array)
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")

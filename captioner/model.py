@@ -1,0 +1,217 @@
+"""Show, Attend and Tell: an LSTM decoder with soft attention over a grid of CNN features.
+
+Shape legend (used in every comment of the project):
+    B batch, L feature locations (H' x W'), D feature dim, E embedding dim, H hidden dim, A attention dim,
+    T time steps, V vocabulary size, K beam size.
+
+The decoder is driven one word at a time through two calls, which training, greedy decoding, sampling and
+beam search all share:
+
+    state = decoder.init_state(features)                # features (B, L, D)
+    logits, alpha, state = decoder.step(state, tokens)  # tokens (B,) -> logits (B, V), alpha (B, L)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class CaptionerConfig:
+    vocab_size: int  # V
+    feature_dim: int  # D
+    embed_dim: int = 256  # E
+    hidden_dim: int = 512  # H
+    attention_dim: int = 256  # A
+    num_layers: int = 1  # stacked LSTM layers; attention reads the top one
+    dropout: float = 0.5
+    tie_weights: bool = False  # share the embedding matrix with the output projection (V x E)
+    semantic_dim: int = 0  # >0: an extra per-image vector (e.g. classifier probabilities) feeds h0/c0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CaptionerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}: checkpoint from a newer version?")
+        return cls(**data)
+
+
+@dataclass
+class DecoderState:
+    """Everything the decoder carries between steps. Every tensor is batch-first, so beam search can reorder
+    or repeat hypotheses with `select` without knowing what is inside."""
+
+    h: torch.Tensor  # (B, num_layers, H)
+    c: torch.Tensor  # (B, num_layers, H)
+    features: torch.Tensor  # (B, L, D)
+    projected_features: torch.Tensor  # (B, L, A), W_a a_i computed once per image
+    beta: torch.Tensor  # (B, 1), gate of the last step (for visualisation)
+
+    def select(self, index: torch.Tensor) -> DecoderState:
+        """Rows `index` (N,) of every tensor: reorders beams or repeats images for sampling."""
+        return DecoderState(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
+
+
+class SoftAttention(nn.Module):
+    """e_ti = w^T tanh(W_a a_i + W_h h_{t-1}), alpha_t = softmax_i(e_ti) (Bahdanau-style MLP)."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
+        super().__init__()
+        self.feature_proj = nn.Linear(feature_dim, attention_dim)  # W_a
+        self.hidden_proj = nn.Linear(hidden_dim, attention_dim)  # W_h
+        self.score = nn.Linear(attention_dim, 1)  # w
+
+    def forward(
+        self, features: torch.Tensor, projected_features: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # features (B, L, D), projected_features (B, L, A), hidden (B, H)
+        energy = self.score(torch.tanh(projected_features + self.hidden_proj(hidden).unsqueeze(1)))  # (B, L, 1)
+        alpha = F.softmax(energy.squeeze(2), dim=1)  # (B, L)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
+        return context, alpha
+
+
+class AttentionDecoder(nn.Module):
+    """LSTM with soft attention, gating scalar beta and the paper's deep output layer (eq. 7)."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.attention = SoftAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
+        self.gate = nn.Linear(c.hidden_dim, 1)  # beta_t = sigmoid(f_beta(h_{t-1}))
+        init_dim = c.feature_dim + c.semantic_dim
+        self.init_h = nn.Linear(init_dim, c.num_layers * c.hidden_dim)
+        self.init_c = nn.Linear(init_dim, c.num_layers * c.hidden_dim)
+        self.cells = nn.ModuleList(
+            nn.LSTMCell(c.embed_dim + c.feature_dim if i == 0 else c.hidden_dim, c.hidden_dim)
+            for i in range(c.num_layers)
+        )
+        self.dropout = nn.Dropout(c.dropout)
+        # Deep output: p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)).
+        self.out_hidden = nn.Linear(c.hidden_dim, c.embed_dim)  # L_h
+        self.out_context = nn.Linear(c.feature_dim, c.embed_dim)  # L_z
+        self.out_vocab = nn.Linear(c.embed_dim, c.vocab_size)  # L_o
+        if c.tie_weights:
+            self.out_vocab.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        for cell in self.cells:
+            # Gates are ordered (input, forget, cell, output): a forget bias of 1 keeps memory early in
+            # training (Jozefowicz et al. 2015). bias_ih + bias_hh are summed, so set one to 1, the other 0.
+            h = cell.hidden_size
+            with torch.no_grad():
+                cell.bias_ih.zero_()
+                cell.bias_hh.zero_()
+                cell.bias_ih[h : 2 * h].fill_(1.0)
+        nn.init.zeros_(self.out_vocab.bias)
+
+    def init_state(self, features: torch.Tensor, semantic: torch.Tensor | None = None) -> DecoderState:
+        """features (B, L, D), optional semantic (B, S) -> initial state; h0, c0 from the mean feature."""
+        b = features.size(0)
+        summary = features.mean(dim=1)  # (B, D)
+        if self.config.semantic_dim:
+            if semantic is None:
+                semantic = features.new_zeros(b, self.config.semantic_dim)
+            summary = torch.cat([summary, semantic], dim=1)
+        h = torch.tanh(self.init_h(summary)).view(b, self.config.num_layers, self.config.hidden_dim)
+        c = torch.tanh(self.init_c(summary)).view(b, self.config.num_layers, self.config.hidden_dim)
+        return DecoderState(
+            h=h,
+            c=c,
+            features=features,
+            projected_features=self.attention.feature_proj(features),
+            beta=features.new_ones(b, 1),
+        )
+
+    def step(self, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DecoderState]:
+        """tokens (B,) = previous words -> logits (B, V) for the next word, alpha (B, L), new state."""
+        top_h = state.h[:, -1]  # (B, H)
+        context, alpha = self.attention(state.features, state.projected_features, top_h)  # (B, D), (B, L)
+        beta = torch.sigmoid(self.gate(top_h))  # (B, 1)
+        context = beta * context
+        embedded = self.embedding(tokens)  # (B, E)
+        x = torch.cat([embedded, context], dim=1)
+        hs, cs = [], []
+        for layer, cell in enumerate(self.cells):
+            h, c = cell(x, (state.h[:, layer], state.c[:, layer]))
+            hs.append(h)
+            cs.append(c)
+            x = self.dropout(h)
+        out = embedded + self.out_hidden(self.dropout(h)) + self.out_context(context)  # (B, E)
+        logits = self.out_vocab(self.dropout(out))  # (B, V)
+        new_state = DecoderState(
+            h=torch.stack(hs, dim=1),
+            c=torch.stack(cs, dim=1),
+            features=state.features,
+            projected_features=state.projected_features,
+            beta=beta,
+        )
+        return logits, alpha, new_state
+
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, semantic: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing. features (B, L, D), captions (B, T+1) = START w1 .. wn END PAD..
+
+        Returns logits (B, T, V) predicting captions[:, 1:], and alphas (B, T, L). Padded positions are
+        computed too (cheap, and no sort-and-pack); the loss masks them out.
+        """
+        state = self.init_state(features, semantic)
+        inputs = captions[:, :-1]  # (B, T)
+        logits, alphas = [], []
+        for t in range(inputs.size(1)):
+            step_logits, alpha, state = self.step(state, inputs[:, t])
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
+
+
+def caption_loss(
+    logits: torch.Tensor,
+    captions: torch.Tensor,
+    alphas: torch.Tensor,
+    pad_id: int = 0,
+    attention_reg: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked cross-entropy + doubly stochastic attention regularisation.
+
+    logits (B, T, V), captions (B, T+1), alphas (B, T, L). Returns (loss to optimise, mean cross-entropy per
+    real token). The regulariser lambda * sum_i (1 - sum_t alpha_ti)^2 pushes the model to look at every
+    location over the caption; only real (unpadded) steps count in sum_t.
+    """
+    targets = captions[:, 1:]  # (B, T)
+    mask = targets != pad_id  # (B, T)
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        reduction="none",
+        label_smoothing=label_smoothing,
+    ).view_as(targets)
+    n_tokens = mask.sum().clamp(min=1)
+    loss = (ce * mask).sum() / n_tokens
+    # Perplexity must be exp(true cross-entropy), so report it without label smoothing.
+    if label_smoothing:
+        with torch.no_grad():
+            plain = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+            cross_entropy = (plain.view_as(targets) * mask).sum() / n_tokens
+    else:
+        cross_entropy = loss.detach()
+    if attention_reg:
+        attention_sum = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, L)
+        # The paper adds lambda * sum_i(...) per caption to the *summed* negative log-likelihood; we average
+        # the likelihood per token, so divide the penalty by the same token count to keep lambda's meaning.
+        loss = loss + attention_reg * ((1.0 - attention_sum) ** 2).sum() / n_tokens
+    return loss, cross_entropy

@@ -1,0 +1,471 @@
+"""Training: masked cross-entropy with teacher forcing, validation by real greedy decoding.
+
+Laid out like torchvision's reference scripts: `train_one_epoch`, `evaluate`, `main`, `get_args_parser`.
+
+    captioner train --train-images DIR --train-captions FILE --val-images DIR --val-captions FILE \
+        --output-dir runs/x
+
+Each epoch appends one JSON line to OUTPUT/metrics.jsonl (loss, cross-entropy, perplexity = exp(CE), val
+BLEU-4 / CIDEr from decoding, learning rate), and writes OUTPUT/last.pt (everything --resume needs) and
+OUTPUT/best.pt (best validation score so far) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .coco import (
+    CaptionDataset,
+    ImageRecord,
+    collate_captions,
+    load_caption_texts,
+    load_coco_captions,
+    load_karpathy_split,
+)
+from .decoding import DecodingOptions, generate
+from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder
+from .features import FeatureStore, build_feature_store
+from .metrics import fast_scores
+from .model import AttentionDecoder, CaptionerConfig, caption_loss
+from .vocab import Vocabulary
+
+log = logging.getLogger("captioner.train")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a Show, Attend and Tell captioner", add_help=add_help)
+    data = p.add_argument_group("data (COCO annotation files, or a Karpathy split file)")
+    data.add_argument("--train-images", type=Path, help="folder of training images (e.g. train2017/)")
+    data.add_argument("--train-captions", type=Path, help="COCO captions file (e.g. captions_train2017.json)")
+    data.add_argument("--val-images", type=Path, help="folder of validation images")
+    data.add_argument("--val-captions", type=Path, help="COCO captions file for validation")
+    data.add_argument("--karpathy-split", type=Path, help="dataset_coco.json: train+restval / val")
+    data.add_argument("--image-root", type=Path, help="with --karpathy-split: the folder holding `filepath`s")
+    data.add_argument("--vocab-text", type=Path, action="append", default=[],
+                      help="extra COCO-format captions file(s) whose text joins the vocabulary (no images)")
+    data.add_argument("--min-word-count", type=int, default=5, help="rarer words become <unk>")
+    data.add_argument("--max-words", type=int, default=30, help="longer training captions are cut")
+    data.add_argument("--val-limit", type=int, default=0, help="validate on the first N images only (0: all)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--encoder", default=DEFAULT_BACKBONE, help="backbone name (see `captioner.encoder`)")
+    model.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="square input side in px")
+    model.add_argument("--random-encoder", action="store_true", help="random backbone weights (tests only)")
+    model.add_argument("--fine-tune-blocks", type=int, default=0,
+                       help="unfreeze the encoder's last N blocks (bypasses the feature cache)")
+    model.add_argument("--encoder-lr", type=float, default=1e-4)
+    model.add_argument("--embed-dim", type=int, default=256)
+    model.add_argument("--hidden-dim", type=int, default=512)
+    model.add_argument("--attention-dim", type=int, default=256)
+    model.add_argument("--num-layers", type=int, default=1)
+    model.add_argument("--dropout", type=float, default=0.5)
+    model.add_argument("--tie-weights", action="store_true", help="share embedding and output matrices")
+    model.add_argument("--init-from", type=Path, help="start from this checkpoint's decoder weights")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=20)
+    opt.add_argument("--batch-size", type=int, default=32)
+    opt.add_argument("--lr", type=float, default=4e-4)
+    opt.add_argument("--weight-decay", type=float, default=0.0)
+    opt.add_argument("--grad-clip", type=float, default=5.0, help="max global L2 norm of the gradients")
+    opt.add_argument("--attention-reg", type=float, default=1.0, help="lambda of the doubly stochastic term")
+    opt.add_argument("--label-smoothing", type=float, default=0.0)
+    opt.add_argument("--lr-schedule", choices=["plateau", "cosine", "none"], default="plateau")
+    opt.add_argument("--monitor", choices=["CIDEr", "BLEU-4"], default="CIDEr", help="early-stopping metric")
+    opt.add_argument("--patience", type=int, default=5, help="stop after N epochs without improvement")
+    opt.add_argument("--seed", type=int, default=0)
+
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", type=Path, required=True)
+    run.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUTPUT/../.cache)")
+    run.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    run.add_argument("--num-workers", type=int, default=0)
+    run.add_argument("--eval-batch-size", type=int, default=64)
+    run.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_splits(args: argparse.Namespace) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Training and validation records from COCO annotation files or a Karpathy split."""
+    if args.karpathy_split:
+        root = args.image_root or args.karpathy_split.parent
+        train = load_karpathy_split(args.karpathy_split, root, ("train", "restval"))
+        val = load_karpathy_split(args.karpathy_split, root, ("val",))
+    else:
+        if not (args.train_images and args.train_captions and args.val_images and args.val_captions):
+            raise SystemExit(
+                "give --train-images/--train-captions/--val-images/--val-captions, or --karpathy-split"
+            )
+        train = load_coco_captions(args.train_captions, args.train_images)
+        val = load_coco_captions(args.val_captions, args.val_images)
+    if args.val_limit:
+        val = val[: args.val_limit]
+    if not train or not val:
+        raise SystemExit(f"empty data: {len(train)} training and {len(val)} validation images")
+    return train, val
+
+
+def build_vocab(train: Sequence[ImageRecord], extra_text_files: Sequence[Path], min_count: int) -> Vocabulary:
+    texts = [c for r in train for c in r.captions]
+    for f in extra_text_files:
+        texts.extend(load_caption_texts(f))
+    return Vocabulary.build(texts, min_count=min_count)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One epoch, validation
+
+
+def train_one_epoch(
+    decoder: AttentionDecoder,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    epoch: int,
+    encoder: Encoder | None = None,
+) -> dict[str, float]:
+    """One pass over `loader`. With `encoder`, batches hold images and the encoder runs in the loop."""
+    decoder.train()
+    if encoder is not None:
+        encoder.train()
+    device = next(decoder.parameters()).device
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    total_loss = total_ce = 0.0
+    total_tokens = 0
+    max_norm = 0.0
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=args.no_progress, leave=False)
+    for inputs, captions in bar:
+        inputs, captions = inputs.to(device), captions.to(device)
+        features = encoder(inputs) if encoder is not None else inputs  # (B, L, D)
+        logits, alphas = decoder(features, captions)
+        loss, ce = caption_loss(
+            logits, captions, alphas, attention_reg=args.attention_reg, label_smoothing=args.label_smoothing
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Global L2 norm over all parameters (not per tensor): keeps the update direction.
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        tokens = int((captions[:, 1:] != 0).sum())
+        total_loss += float(loss) * tokens
+        total_ce += float(ce) * tokens
+        total_tokens += tokens
+        max_norm = max(max_norm, float(norm))
+        bar.set_postfix(loss=f"{float(loss):.3f}", ppl=f"{math.exp(float(ce)):.1f}")
+    ce = total_ce / max(total_tokens, 1)
+    return {
+        "train_loss": total_loss / max(total_tokens, 1),
+        "train_cross_entropy": ce,
+        "train_perplexity": math.exp(ce),
+        "max_grad_norm_before_clip": max_norm,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    decoder: AttentionDecoder,
+    records: Sequence[ImageRecord],
+    features: FeatureStore,
+    vocab: Vocabulary,
+    options: DecodingOptions | None = None,
+    batch_size: int = 64,
+) -> tuple[dict[str, float], dict[int, str]]:
+    """Validation the honest way: decode every image and score the captions (BLEU-4, CIDEr-D), plus
+    teacher-forced cross-entropy on the reference captions for perplexity."""
+    decoder.eval()
+    device = next(decoder.parameters()).device
+    options = options or DecodingOptions(method="greedy")
+    records = [r for r in records if features.has(r.image_id)]
+    predictions: dict[int, str] = {}
+    total_ce, total_tokens = 0.0, 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        feats = torch.stack([features.get(r.image_id) for r in chunk]).to(device)  # (B, L, D)
+        for record, hyps in zip(chunk, generate(decoder, feats, vocab, options), strict=True):
+            predictions[record.image_id] = vocab.decode(hyps[0].tokens)
+        ce, tokens = reference_cross_entropy(decoder, feats, [r.captions for r in chunk], vocab)
+        total_ce += ce * tokens
+        total_tokens += tokens
+    scores = fast_scores(predictions, {r.image_id: list(r.captions) for r in records})
+    ce = total_ce / max(total_tokens, 1)
+    return {**scores, "val_cross_entropy": ce, "val_perplexity": math.exp(ce)}, predictions
+
+
+def reference_cross_entropy(
+    decoder: AttentionDecoder, features: torch.Tensor, references: Sequence[Sequence[str]], vocab: Vocabulary
+) -> tuple[float, int]:
+    """Mean per-token cross-entropy of all reference captions given their image features (B, L, D)."""
+    batch = [(features[i], torch.tensor(vocab.encode(c))) for i, refs in enumerate(references) for c in refs]
+    feats, captions = collate_captions(batch, vocab.pad_id)
+    logits, alphas = decoder(feats, captions.to(features.device))
+    _, ce = caption_loss(logits, captions.to(features.device), alphas, attention_reg=0.0)
+    return float(ce), int((captions[:, 1:] != vocab.pad_id).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+
+
+class _ImageCaptionDataset(torch.utils.data.Dataset):
+    """(preprocessed image, caption ids) for fine-tuning with the encoder in the loop."""
+
+    def __init__(self, records: Sequence[ImageRecord], encoder: Encoder, vocab: Vocabulary, max_words: int):
+        from .images import ImageError, open_image
+
+        self.items = []
+        self.preprocessing = encoder.preprocessing
+        self._open = open_image
+        for r in records:
+            try:
+                open_image(r.path)
+            except ImageError as exc:
+                log.warning("skipping unreadable image: %s", exc)
+                continue
+            self.items.extend((r.path, vocab.encode(c, max_words)) for c in r.captions)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, ids = self.items[i]
+        return self.preprocessing(self._open(path)), torch.tensor(ids)
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+    if args.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1)
+    if args.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
+    return None
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _args_json(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+            for k, v in vars(args).items() if not callable(v)}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run a training; returns the best validation metrics. Safe to kill and `--resume` at any time."""
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(args.output_dir / "train.log")
+    device = _resolve_device(args.device)
+    _set_seed(args.seed)
+    train_records, val_records = load_splits(args)
+    log.info("data: %d training images, %d validation images", len(train_records), len(val_records))
+
+    encoder = Encoder(args.encoder, pretrained=not args.random_encoder, image_size=args.image_size,
+                      fine_tune_blocks=args.fine_tune_blocks).to(device)
+    last_path, best_path = args.output_dir / "last.pt", args.output_dir / "best.pt"
+    resume = load_checkpoint(last_path) if args.resume and last_path.exists() else None
+    if args.resume and resume is None:
+        log.info("--resume: no %s yet, starting fresh", last_path)
+    init = load_checkpoint(args.init_from) if args.init_from and resume is None else None
+
+    vocab = (resume or init).vocab if (resume or init) else build_vocab(
+        train_records, args.vocab_text, args.min_word_count
+    )
+    log.info("vocabulary: %d words (min count %d)", len(vocab), args.min_word_count)
+
+    if resume is not None:
+        decoder = resume.decoder
+        if resume.encoder_name != encoder.name:
+            raise CheckpointError(f"{last_path} was trained with {resume.encoder_name}, not {encoder.name}")
+        if resume.encoder_state is not None:
+            encoder.cnn.load_state_dict(resume.encoder_state)
+    elif init is not None:
+        if init.encoder_name != encoder.name:
+            raise CheckpointError(f"{args.init_from} was trained with {init.encoder_name}, not {encoder.name}")
+        decoder = init.decoder
+        if init.encoder_state is not None:
+            encoder.cnn.load_state_dict(init.encoder_state)
+    else:
+        config = CaptionerConfig(
+            vocab_size=len(vocab),
+            feature_dim=encoder.feature_dim,
+            embed_dim=args.embed_dim,
+            hidden_dim=args.hidden_dim,
+            attention_dim=args.attention_dim,
+            num_layers=args.num_layers,
+            dropout=args.dropout,
+            tie_weights=args.tie_weights,
+        )
+        decoder = AttentionDecoder(config)
+    decoder.to(device)
+
+    # Frozen encoder: encode every image once into the cache. Fine-tuning: images go through it each step.
+    cache_root = args.cache_dir or args.output_dir.parent / ".cache"
+    val_store = build_feature_store(val_records, encoder, cache_root, progress=not args.no_progress)
+    if args.fine_tune_blocks:
+        train_set = _ImageCaptionDataset(train_records, encoder, vocab, args.max_words)
+    else:
+        train_store = build_feature_store(train_records, encoder, cache_root, progress=not args.no_progress)
+        train_set = CaptionDataset(train_records, train_store, vocab, args.max_words)
+    if len(train_set) == 0:
+        raise SystemExit("no usable training captions (every image failed to load?)")
+
+    param_groups = [{"params": list(decoder.parameters()), "lr": args.lr}]
+    trainable_encoder = [p for p in encoder.parameters() if p.requires_grad]
+    if trainable_encoder:
+        param_groups.append({"params": trainable_encoder, "lr": args.encoder_lr})
+    optimizer = torch.optim.Adam(param_groups, weight_decay=args.weight_decay)
+    scheduler = _make_scheduler(optimizer, args)
+
+    start_epoch, best_score, bad_epochs = 1, float("-inf"), 0
+    if resume is not None and resume.training is not None:
+        t = resume.training
+        optimizer.load_state_dict(t["optimizer"])
+        if scheduler is not None and t.get("scheduler"):
+            scheduler.load_state_dict(t["scheduler"])
+        start_epoch, best_score, bad_epochs = t["epoch"] + 1, t["best_score"], t["bad_epochs"]
+        _restore_rng(t["rng"])
+        log.info("resumed from %s at epoch %d (best %s %.4f)", last_path, start_epoch, args.monitor, best_score)
+
+    metrics_file = args.output_dir / "metrics.jsonl"
+    _drop_rows_from(metrics_file, start_epoch)  # rows of an epoch that was killed before its checkpoint
+    best_metrics: dict[str, Any] = resume.metrics if resume is not None else {}
+    for epoch in range(start_epoch, args.epochs + 1):
+        if bad_epochs >= args.patience:
+            log.info("early stop: %d epochs without a better %s", bad_epochs, args.monitor)
+            break
+        started = time.time()
+        # Shuffling depends only on (seed, epoch), so a resumed run sees the same batches.
+        order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        loader = DataLoader(
+            train_set, batch_size=args.batch_size, shuffle=True, generator=order,
+            collate_fn=collate_captions, num_workers=args.num_workers,
+        )
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(decoder, loader, optimizer, args, epoch,
+                                   encoder if args.fine_tune_blocks else None))
+        scores, predictions = evaluate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size)
+        row.update(scores)
+        row["seconds"] = round(time.time() - started, 2)
+        score = scores[args.monitor]
+        if scheduler is not None:
+            scheduler.step(score) if args.lr_schedule == "plateau" else scheduler.step()
+        improved = score > best_score
+        if improved:
+            best_score, bad_epochs = score, 0
+        else:
+            bad_epochs += 1
+        row["best"] = improved
+        log.info(
+            "epoch %d: loss %.3f ppl %.1f | val ppl %.1f BLEU-4 %.3f CIDEr %.3f %s| %.0fs",
+            epoch, row["train_loss"], row["train_perplexity"], row["val_perplexity"], row["BLEU-4"],
+            row["CIDEr"], "(best) " if improved else "", row["seconds"],
+        )
+        sample = next(iter(predictions.items()))
+        log.info("  e.g. image %d: %s", *sample)
+        encoder_state = encoder.cnn.state_dict() if args.fine_tune_blocks else None
+        common = {"encoder_state": encoder_state}
+        if improved:
+            best_metrics = {**{k: v for k, v in row.items() if isinstance(v, int | float)}, "args": _args_json(args)}
+            save_checkpoint(best_path, decoder, vocab, encoder.name, encoder.preprocessing,
+                            metrics=best_metrics, **common)
+        training = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch,
+            "best_score": best_score,
+            "bad_epochs": bad_epochs,
+            "rng": _rng_state(),
+        }
+        save_checkpoint(last_path, decoder, vocab, encoder.name, encoder.preprocessing,
+                        metrics=best_metrics, training=training, **common)
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    plot_training_curves(metrics_file, args.output_dir / "training_curves.png")
+    return best_metrics
+
+
+def _drop_rows_from(metrics_file: Path, epoch: int) -> None:
+    if not metrics_file.exists():
+        return
+    rows = [line for line in metrics_file.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["epoch"] < epoch]
+    if len(kept) != len(rows):
+        metrics_file.write_text("".join(line + "\n" for line in kept))
+
+
+def plot_training_curves(metrics_file: Path, out: Path) -> None:
+    """Loss/perplexity and validation scores per epoch, as a PNG beside the log."""
+    if not metrics_file.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(epochs, [r["train_perplexity"] for r in rows], label="train")
+    ax1.plot(epochs, [r["val_perplexity"] for r in rows], label="val")
+    ax1.set(xlabel="epoch", ylabel="perplexity", yscale="log", title="perplexity = exp(cross-entropy)")
+    ax1.legend()
+    ax2.plot(epochs, [r["CIDEr"] for r in rows], label="CIDEr-D")
+    ax2.plot(epochs, [r["BLEU-4"] for r in rows], label="BLEU-4")
+    ax2.set(xlabel="epoch", title="validation (greedy decoding)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _setup_logging(log_file: Path) -> None:
+    root = logging.getLogger("captioner")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_captioner", False):
+            root.removeHandler(h)
+            h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for handler in (logging.FileHandler(log_file), logging.StreamHandler()):
+        handler.setFormatter(fmt)
+        handler._captioner = True  # type: ignore[attr-defined]
+        root.addHandler(handler)

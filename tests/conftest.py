@@ -1,0 +1,64 @@
+"""Shared fixtures: the real COCO subset in ../shared, and small real-vocabulary models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.checkpoint import save_checkpoint
+from captioner.coco import load_coco_captions
+from captioner.encoder import Preprocessing, get_backbone
+from captioner.model import AttentionDecoder, CaptionerConfig
+from captioner.vocab import Vocabulary
+
+REPO = Path(__file__).resolve().parent.parent
+COCO_MINI = Path(os.environ.get("COCO_MINI", REPO.parent / "shared" / "data" / "coco-mini"))
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    if not (COCO_MINI / "annotations" / "captions_train.json").is_file():
+        pytest.fail(f"the real COCO subset is missing at {COCO_MINI} (set COCO_MINI to its folder)")
+    return COCO_MINI
+
+
+@pytest.fixture(scope="session")
+def train_records(coco_mini):
+    return load_coco_captions(coco_mini / "annotations" / "captions_train.json", coco_mini / "train")
+
+
+@pytest.fixture(scope="session")
+def val_records(coco_mini):
+    return load_coco_captions(coco_mini / "annotations" / "captions_val.json", coco_mini / "val")
+
+
+@pytest.fixture(scope="session")
+def vocab(train_records) -> Vocabulary:
+    return Vocabulary.build((c for r in train_records for c in r.captions), min_count=5)
+
+
+def tiny_config(vocab_size: int, feature_dim: int = 16, **overrides) -> CaptionerConfig:
+    settings = dict(embed_dim=24, hidden_dim=32, attention_dim=16, dropout=0.0)
+    settings.update(overrides)
+    return CaptionerConfig(vocab_size=vocab_size, feature_dim=feature_dim, **settings)
+
+
+@pytest.fixture
+def tiny_decoder(vocab) -> AttentionDecoder:
+    torch.manual_seed(0)
+    return AttentionDecoder(tiny_config(len(vocab))).eval()
+
+
+@pytest.fixture(scope="session")
+def lite0_checkpoint(tmp_path_factory, vocab) -> Path:
+    """An untrained decoder on the efficientnet-lite0 backbone with the real vocabulary: loads through the
+    same path as a trained one (real encoder weights), captions are gibberish but well-formed."""
+    torch.manual_seed(0)
+    spec = get_backbone("efficientnet-lite0")
+    decoder = AttentionDecoder(tiny_config(len(vocab), feature_dim=spec.feature_dim))
+    path = tmp_path_factory.mktemp("ckpt") / "lite0-untrained.pt"
+    save_checkpoint(path, decoder, vocab, spec.name, Preprocessing(448, spec.mean, spec.std))
+    return path
