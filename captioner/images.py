@@ -41,7 +41,7 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a recognised image format", kind="not_image") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: {exc}", kind="too_large") from exc
+        raise ImageError(f"{name}: image is over the limit of {max_pixels} pixels ({exc})", kind="too_large") from exc
     except OSError as exc:
         raise ImageError(f"{name}: cannot read image header ({exc})") from exc
 

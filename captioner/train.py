@@ -165,7 +165,7 @@ def train_one_epoch(
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         tokens = int((captions[:, 1:] != 0).sum())
-        total_loss += float(loss) * tokens
+        total_loss += float(loss.detach()) * tokens
         total_ce += float(ce) * tokens
         total_tokens += tokens
         max_norm = max(max_norm, float(norm))
@@ -303,21 +303,34 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume and resume is None:
         log.info("--resume: no %s yet, starting fresh", last_path)
     init = load_checkpoint(args.init_from) if args.init_from and resume is None else None
+    for source, ckpt in ((last_path, resume), (args.init_from, init)):
+        if ckpt is not None and ckpt.encoder_name != encoder.name:
+            raise CheckpointError(f"{source} was trained with {ckpt.encoder_name}, not --encoder {encoder.name}")
 
     vocab = (resume or init).vocab if (resume or init) else build_vocab(
         train_records, args.vocab_text, args.min_word_count
     )
     log.info("vocabulary: %d words (min count %d)", len(vocab), args.min_word_count)
 
+    # Frozen encoder: encode every image once into the cache. Fine-tuning: images go through it each step.
+    cache_root = args.cache_dir or args.output_dir.parent / ".cache"
+    val_store = build_feature_store(val_records, encoder, cache_root, progress=not args.no_progress)
+    if args.fine_tune_blocks:
+        train_set = _ImageCaptionDataset(train_records, encoder, vocab, args.max_words)
+    else:
+        train_store = build_feature_store(train_records, encoder, cache_root, progress=not args.no_progress)
+        train_set = CaptionDataset(train_records, train_store, vocab, args.max_words)
+    if len(train_set) == 0:
+        raise SystemExit("no usable training captions (every image failed to load?)")
+
+    # Seed again here: building the caches consumed random numbers (DataLoader seeding) only on a first run,
+    # and a resumed or repeated run must initialise exactly the same way.
+    _set_seed(args.seed)
     if resume is not None:
         decoder = resume.decoder
-        if resume.encoder_name != encoder.name:
-            raise CheckpointError(f"{last_path} was trained with {resume.encoder_name}, not {encoder.name}")
         if resume.encoder_state is not None:
             encoder.cnn.load_state_dict(resume.encoder_state)
     elif init is not None:
-        if init.encoder_name != encoder.name:
-            raise CheckpointError(f"{args.init_from} was trained with {init.encoder_name}, not {encoder.name}")
         decoder = init.decoder
         if init.encoder_state is not None:
             encoder.cnn.load_state_dict(init.encoder_state)
@@ -334,17 +347,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
         decoder = AttentionDecoder(config)
     decoder.to(device)
-
-    # Frozen encoder: encode every image once into the cache. Fine-tuning: images go through it each step.
-    cache_root = args.cache_dir or args.output_dir.parent / ".cache"
-    val_store = build_feature_store(val_records, encoder, cache_root, progress=not args.no_progress)
-    if args.fine_tune_blocks:
-        train_set = _ImageCaptionDataset(train_records, encoder, vocab, args.max_words)
-    else:
-        train_store = build_feature_store(train_records, encoder, cache_root, progress=not args.no_progress)
-        train_set = CaptionDataset(train_records, train_store, vocab, args.max_words)
-    if len(train_set) == 0:
-        raise SystemExit("no usable training captions (every image failed to load?)")
 
     param_groups = [{"params": list(decoder.parameters()), "lr": args.lr}]
     trainable_encoder = [p for p in encoder.parameters() if p.requires_grad]

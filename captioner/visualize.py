@@ -1,0 +1,302 @@
+"""Where the model looked, word by word: attention heat maps, paper-style figures, GIFs and JSON.
+
+The maths (alphas -> grids -> smooth image-sized heat maps -> coloured overlay, and the JSON payload) lives in
+small pure functions that the HTTP service imports as well; the figure / GIF / JSON writers and the
+`captioner visualize` command sit on top of them.
+
+Shape legend: T generated words (END included, START excluded), L = H' * W' attention locations, (H', W') the
+feature grid, (H, W) the image in pixels. Sizes passed to PIL are (W, H), arrays are (H, W).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+FORMATS = ("png", "pdf", "gif")
+DEFAULT_COLUMNS = 5
+DEFAULT_CMAP = "jet"
+DEFAULT_OPACITY = 0.5  # share of the heat-map colour in the blend: the photo must stay recognisable
+FIGURE_MAX_SIDE = 640  # px the photo is shown at in figures (COCO photos are <= 640 anyway)
+GIF_MAX_SIDE = 480
+GIF_FRAME_MS = 700
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The maths: pure functions on arrays (shared with the service).
+
+
+def attention_grids(alphas: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """alphas (T, L) -> (T, H', W') float32. L is row-major over the grid, like the encoder's flatten."""
+    a = alphas.detach().float().cpu().numpy() if isinstance(alphas, torch.Tensor) else np.asarray(alphas)
+    h, w = grid
+    if a.ndim != 2 or a.shape[1] != h * w:
+        raise ValueError(f"alphas of shape {tuple(a.shape)} do not fit a {h}x{w} grid (expected (T, {h * w}))")
+    return a.astype(np.float32).reshape(-1, h, w)
+
+
+def upsample_attention(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One map (H', W') -> (H, W) float32 for size = (W, H), bilinear (smooth, not blocky), clipped at 0.
+
+    The whole image is squashed to the encoder's square input, so the grid covers the whole image: stretching it
+    to the image's own W x H puts every cell back where it came from, whatever the aspect ratio.
+    """
+    width, height = size
+    t = torch.as_tensor(np.asarray(grid_map, dtype=np.float32))[None, None]  # (1, 1, H', W')
+    up = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
+    return up[0, 0].clamp_(min=0).numpy()
+
+
+def normalize_heat(heat: np.ndarray) -> np.ndarray:
+    """Scale a map to [0, 1] by its own maximum. Not min-max: a diffuse map then stays diffuse on screen
+    instead of its small differences being stretched into hot spots the model never had."""
+    peak = float(heat.max()) if heat.size else 0.0
+    return heat / peak if peak > 0 else np.zeros_like(heat)
+
+
+def overlay(image: Image.Image | np.ndarray, heat: np.ndarray, cmap: str = DEFAULT_CMAP,
+            opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+    """RGB image (H, W, 3) + heat (H, W) in [0, 1] -> blended RGB uint8 (H, W, 3)."""
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    if rgb.shape[:2] != heat.shape:
+        raise ValueError(f"heat map {heat.shape} does not match the image {rgb.shape[:2]}")
+    colours = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3].astype(np.float32) * 255.0
+    return (rgb * (1.0 - opacity) + colours * opacity).round().astype(np.uint8)
+
+
+def attention_overlays(image: Image.Image, alphas: torch.Tensor | np.ndarray, grid: tuple[int, int],
+                       cmap: str = DEFAULT_CMAP, opacity: float = DEFAULT_OPACITY) -> list[np.ndarray]:
+    """One blended RGB array (H, W, 3) per generated word, at the image's own size."""
+    return [
+        overlay(image, normalize_heat(upsample_attention(g, image.size)), cmap, opacity)
+        for g in attention_grids(alphas, grid)
+    ]
+
+
+def attention_payload(words: Sequence[str], alphas: torch.Tensor | np.ndarray, betas: torch.Tensor | Sequence[float],
+                      grid: tuple[int, int], decimals: int = 5) -> dict:
+    """JSON-ready weights: {"tokens", "alphas" (T x H' x W' nested lists), "betas" (T), "grid" [H', W']}.
+    What `--json` writes and what a web page needs to draw the overlays itself."""
+    grids = attention_grids(alphas, grid)
+    if len(words) != len(grids):
+        raise ValueError(f"{len(words)} words but {len(grids)} attention maps")
+    b = _floats(betas)
+    if len(b) != len(grids):
+        raise ValueError(f"{len(b)} betas but {len(grids)} attention maps")
+    return {
+        "tokens": list(words),
+        "alphas": np.round(grids.astype(np.float64), decimals).tolist(),
+        "betas": [round(float(x), decimals) for x in b],
+        "grid": [int(grid[0]), int(grid[1])],
+    }
+
+
+def _floats(values: torch.Tensor | Sequence[float]) -> list[float]:
+    """betas (T,) or (T, 1), tensor or list -> T Python floats."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().float().cpu().reshape(-1).tolist()
+    return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+def display_image(image: Image.Image, max_side: int) -> Image.Image:
+    """Shrink (never enlarge) so the longer side is at most max_side, keeping the aspect ratio."""
+    image = image.convert("RGB")
+    scale = max_side / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Figures, GIFs, files.
+
+
+def _text(s: str) -> str:
+    return s.replace("$", r"\$")  # a lone "$" would switch matplotlib to mathtext
+
+
+def render_figure(image: Image.Image, words: Sequence[str], alphas: torch.Tensor | np.ndarray,
+                  betas: torch.Tensor | Sequence[float], grid: tuple[int, int], caption: str | None = None,
+                  columns: int = DEFAULT_COLUMNS, max_side: int = FIGURE_MAX_SIDE, panel_width: float = 2.6,
+                  cmap: str = DEFAULT_CMAP) -> Figure:
+    """The paper's figure: the photo, then one panel per word (END included) with its attention overlaid and
+    the word and gate beta as the title. Panels wrap after `columns`. Axes are labelled "image" and "word-<t>"
+    so callers (and tests) can find the word panels."""
+    if len(words) == 0:
+        raise ValueError("nothing to draw: no generated words")
+    if columns < 1:
+        raise ValueError("columns must be at least 1")
+    shown = display_image(image, max_side)
+    overlays = attention_overlays(shown, alphas, grid, cmap)
+    b = _floats(betas)
+    if not len(words) == len(overlays) == len(b):
+        raise ValueError(f"{len(words)} words, {len(overlays)} attention maps and {len(b)} betas")
+
+    panels = len(words) + 1
+    ncols = min(columns, panels)
+    nrows = math.ceil(panels / ncols)
+    panel_height = panel_width * shown.height / shown.width
+    title_room = 0.55  # inches per row for the two-line titles
+    fig = Figure(figsize=(ncols * panel_width, nrows * (panel_height + title_room) + 0.5), layout="constrained")
+    if caption:
+        # ~8 characters per inch at 13 pt: long captions wrap instead of running off the figure.
+        fig.suptitle(_text(textwrap.fill(caption, max(20, int(ncols * panel_width * 8)))), fontsize=13)
+    ax = fig.add_subplot(nrows, ncols, 1, label="image")
+    ax.imshow(np.asarray(shown), interpolation="antialiased")
+    ax.set_axis_off()
+    for t, (word, picture, beta) in enumerate(zip(words, overlays, b, strict=True)):
+        ax = fig.add_subplot(nrows, ncols, t + 2, label=f"word-{t}")
+        ax.imshow(picture, interpolation="antialiased")  # aspect="equal" (default): never squashed
+        ax.set_title(f"{_text(word)}\nβ = {beta:.2f}", fontsize=11, linespacing=1.3)
+        ax.set_axis_off()
+    return fig
+
+
+def word_axes(fig: Figure) -> list:
+    """The word panels of a figure from render_figure, in caption order."""
+    return [ax for ax in fig.axes if ax.get_label().startswith("word-")]
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    # matplotlib ships DejaVu Sans, which has "β"; PIL's bitmap default font does not.
+    try:
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def gif_frames(image: Image.Image, words: Sequence[str], alphas: torch.Tensor | np.ndarray,
+               betas: torch.Tensor | Sequence[float], grid: tuple[int, int], max_side: int = GIF_MAX_SIDE,
+               cmap: str = DEFAULT_CMAP) -> list[Image.Image]:
+    """One RGB frame per word: the overlay above a strip reading "word   beta = 0.53   t/T"."""
+    shown = display_image(image, max_side)
+    overlays = attention_overlays(shown, alphas, grid, cmap)
+    b = _floats(betas)
+    strip = max(28, shown.height // 9)
+    font, small = _font(int(strip * 0.6)), _font(int(strip * 0.45))
+    frames = []
+    for t, (word, picture, beta) in enumerate(zip(words, overlays, b, strict=True)):
+        frame = Image.new("RGB", (shown.width, shown.height + strip), (0, 0, 0))
+        frame.paste(Image.fromarray(picture), (0, 0))
+        draw = ImageDraw.Draw(frame)
+        middle = shown.height + strip // 2
+        draw.text((10, middle), word, fill=(255, 255, 255), font=font, anchor="lm")
+        # The step counter also keeps frames distinct: PIL merges identical consecutive GIF frames.
+        draw.text((shown.width - 10, middle), f"β = {beta:.2f}   {t + 1}/{len(words)}", fill=(200, 200, 200),
+                  font=small, anchor="rm")
+        frames.append(frame)
+    return frames
+
+
+def save_visualization(path: str | Path, image: Image.Image, words: Sequence[str],
+                       alphas: torch.Tensor | np.ndarray, betas: torch.Tensor | Sequence[float],
+                       grid: tuple[int, int], caption: str | None = None, columns: int = DEFAULT_COLUMNS,
+                       dpi: int = 100) -> Path:
+    """Write a figure (.png, .pdf) or an animated GIF (.gif, one frame per word), chosen by the extension."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"{path}: unsupported output format {path.suffix or '(none)'!r}: use .png, .pdf or .gif")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "gif":
+        # GIF holds 256 colours a frame: an adaptive palette per frame keeps the photo and heat map faithful.
+        frames = [f.quantize(256, method=Image.Quantize.FASTOCTREE)
+                  for f in gif_frames(image, words, alphas, betas, grid)]
+        frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
+    else:
+        fig = render_figure(image, words, alphas, betas, grid, caption=caption, columns=columns)
+        fig.savefig(path, format=fmt, dpi=dpi)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `captioner visualize` (the parser lives in cli.py).
+
+
+def plan_outputs(images: Sequence[Path], out: str | None, fmt: str | None = None) -> list[Path]:
+    """Where each image's figure goes. One image: `out` itself if it names a file, else `<stem>-attention.<fmt>`
+    (in the current folder, or in `out` when it is a folder). Several images, or `out` ending in "/" or an
+    existing folder: `out/<stem>.<fmt>`. Raises ValueError on an unusable combination."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"unsupported format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if out is None:
+        return _unique([Path(f"{p.stem}-attention") for p in images], fmt or "png")
+    target = Path(out)
+    is_folder = out.endswith(("/", "\\")) or target.is_dir() or len(images) > 1
+    if not is_folder and target.suffix:
+        suffix = target.suffix.lower().lstrip(".")
+        if suffix not in FORMATS:
+            raise ValueError(f"{out}: unsupported output format {target.suffix!r}: use .png, .pdf or .gif")
+        if fmt is not None and fmt != suffix:
+            raise ValueError(f"-o {out} and --format {fmt} disagree")
+        return [target]
+    if is_folder and target.suffix.lower().lstrip(".") in FORMATS and not target.is_dir():
+        raise ValueError(f"-o {out} names a file, but {len(images)} images need a folder (e.g. -o figures/)")
+    if not is_folder:  # one image, -o without an extension: a file in that format
+        return [target.with_name(f"{target.name}.{fmt or 'png'}")]
+    return _unique([target / p.stem for p in images], fmt or "png")
+
+
+def _unique(stems: list[Path], fmt: str) -> list[Path]:
+    """Append -2, -3, ... to repeated names (a/x.jpg and b/x.jpg must not overwrite each other)."""
+    seen: dict[Path, int] = {}
+    paths = []
+    for stem in stems:
+        seen[stem] = seen.get(stem, 0) + 1
+        name = stem.name if seen[stem] == 1 else f"{stem.name}-{seen[stem]}"
+        paths.append(stem.with_name(f"{name}.{fmt}"))
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    """Caption each image, write its figure (and JSON), print what was written. Exit 1 if any image failed,
+    2 on bad arguments; the good images are rendered either way."""
+    from .api import load_captioner
+    from .evaluate import decoding_options
+    from .images import ImageError, open_image
+
+    try:
+        outputs = plan_outputs(args.images, args.output, args.format)
+        options = decoding_options(args)
+        if args.columns < 1 or args.dpi < 1:
+            raise ValueError("--columns and --dpi must be at least 1")
+    except ValueError as exc:
+        print(f"captioner visualize: error: {exc}", file=sys.stderr)
+        return 2
+    captioner = load_captioner(args.checkpoint, device=args.device)
+    failures = 0
+    for image_path, out_path in zip(args.images, outputs, strict=True):
+        try:
+            image = open_image(image_path)
+            result = captioner.caption([image], options)[0]
+            best = result.candidates[0]  # greedy's caption, the chosen beam, or the first sample
+            save_visualization(out_path, image, best.words, best.alphas, best.betas, result.grid,
+                               caption=best.caption, columns=args.columns, dpi=args.dpi)
+            written = [out_path]
+            if args.json:
+                payload = {"image": str(image_path), "caption": best.caption,
+                           **attention_payload(best.words, best.alphas, best.betas, result.grid)}
+                json_path = out_path.with_suffix(".json")
+                json_path.write_text(json.dumps(payload) + "\n")
+                written.append(json_path)
+        except (ImageError, OSError) as exc:
+            failures += 1
+            print(f"captioner visualize: error: {exc}", file=sys.stderr)
+            continue
+        print(f"{image_path}: {best.caption}")
+        for path in written:
+            print(f"  wrote {path}")
+    return 1 if failures else 0

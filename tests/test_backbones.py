@@ -1,0 +1,66 @@
+"""Real pretrained backbones from their wheels: they must recognise real COCO photos before we trust them."""
+
+import pytest
+import torch
+import torchvision
+
+from captioner.encoder import BACKBONES, Encoder, get_backbone, prepare_cpu_inference
+from captioner.images import open_image
+
+CATEGORIES = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]  # in the code, no download
+
+# coco-mini val photos whose ImageNet class is unambiguous.
+PHOTOS = {
+    "000000024585.jpg": {"airliner"},  # "A large passenger jet sitting on an airport tarmac."
+    "000000020247.jpg": {"brown bear", "American black bear"},  # "Bears lope over the ground ..."
+}
+
+
+def _top5(encoder, coco_mini, name):
+    x = encoder.preprocessing(open_image(coco_mini / "val" / name))[None]
+    with torch.no_grad():
+        features = encoder(x)
+        probs = encoder.class_logits(features).softmax(-1)[0]
+    return features, {CATEGORIES[i] for i in probs.topk(5).indices}
+
+
+@pytest.mark.backbone
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2", "resnet152-resmem"])
+def test_offline_backbone_recognises_real_photos_and_gives_a_14x14_grid(name, coco_mini):
+    prepare_cpu_inference()
+    encoder = Encoder(name).eval()
+    for photo, expected in PHOTOS.items():
+        features, top5 = _top5(encoder, coco_mini, photo)
+        assert features.shape == (1, 196, get_backbone(name).feature_dim)
+        assert top5 & expected, f"{name} on {photo}: top-5 {top5}"
+    assert encoder.grid_size() == (14, 14)
+
+
+def test_backbones_carry_their_preprocessing():
+    assert BACKBONES["efficientnet-lite0"].mean == (127 / 255,) * 3
+    assert BACKBONES["efficientnet-lite0"].std == (128 / 255,) * 3
+    assert BACKBONES["resnet152-resmem"].mean == (0.0,) * 3 and BACKBONES["resnet152-resmem"].std == (1.0,) * 3
+    assert BACKBONES["resnet101"].mean == (0.485, 0.456, 0.406)
+
+
+def test_torchvision_backbone_without_weights_gives_a_grid():
+    encoder = Encoder("resnet50", pretrained=False, image_size=224).eval()
+    with torch.no_grad():
+        features = encoder(torch.rand(2, 3, 224, 224))
+    assert features.shape == (2, 49, 2048)
+
+
+def test_encoder_is_frozen_by_default_and_fine_tunes_last_blocks():
+    frozen = Encoder("efficientnet-lite0", pretrained=False, image_size=64)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    tuned = Encoder("efficientnet-lite0", pretrained=False, image_size=64, fine_tune_blocks=2)
+    trainable = {n for n, p in tuned.cnn.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("net._conv_head", "net._bn1", "net._blocks.15")) for n in trainable)
+    tuned.train()
+    assert not tuned.cnn.net._bn0.training  # frozen batch-norm stays in eval mode
+    assert tuned.cnn.net._bn1.training
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        get_backbone("vgg-imaginary")

@@ -1,0 +1,114 @@
+import torch
+
+from captioner.model import AttentionDecoder, caption_loss
+from tests.conftest import tiny_config
+
+
+def _batch(vocab_size, b=3, t=6, l=10, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(b, l, d, generator=g)
+    captions = torch.randint(4, vocab_size, (b, t + 1), generator=g)
+    captions[:, 0] = 1  # START
+    return features, captions
+
+
+def test_attention_weights_sum_to_one_over_locations():
+    decoder = AttentionDecoder(tiny_config(50))
+    features, captions = _batch(50)
+    logits, alphas = decoder(features, captions)
+    assert logits.shape == (3, 6, 50) and alphas.shape == (3, 6, 10)
+    torch.testing.assert_close(alphas.sum(-1), torch.ones(3, 6))
+    assert (alphas >= 0).all()
+
+
+def test_forget_gate_bias_starts_at_one():
+    decoder = AttentionDecoder(tiny_config(50, num_layers=2))
+    for cell in decoder.cells:
+        h = cell.hidden_size
+        total = cell.bias_ih + cell.bias_hh  # the LSTM adds both biases
+        torch.testing.assert_close(total[h : 2 * h], torch.ones(h))
+        torch.testing.assert_close(total[:h], torch.zeros(h))
+        torch.testing.assert_close(total[2 * h :], torch.zeros(2 * h))
+
+
+def test_step_api_matches_teacher_forced_forward():
+    decoder = AttentionDecoder(tiny_config(50, num_layers=2)).eval()
+    features, captions = _batch(50)
+    logits, alphas = decoder(features, captions)
+    state = decoder.init_state(features)
+    for t in range(captions.size(1) - 1):
+        step_logits, alpha, state = decoder.step(state, captions[:, t])
+        torch.testing.assert_close(step_logits, logits[:, t])
+        torch.testing.assert_close(alpha, alphas[:, t])
+    assert state.h.shape == (3, 2, 32) and state.beta.shape == (3, 1)
+
+
+def test_masked_loss_ignores_padding():
+    decoder = AttentionDecoder(tiny_config(50)).eval()
+    features, captions = _batch(50, t=4)
+    padded = torch.cat([captions, torch.zeros(3, 5, dtype=torch.long)], dim=1)  # PAD after the caption
+    loss_short, ce_short = caption_loss(*_forward(decoder, features, captions), attention_reg=0.0)
+    loss_long, ce_long = caption_loss(*_forward(decoder, features, padded), attention_reg=0.0)
+    torch.testing.assert_close(ce_short, ce_long)
+    torch.testing.assert_close(loss_short, loss_long)
+    # With the attention term too: padded steps must not count in sum_t alpha_ti.
+    torch.testing.assert_close(
+        caption_loss(*_forward(decoder, features, captions), attention_reg=1.0)[0],
+        caption_loss(*_forward(decoder, features, padded), attention_reg=1.0)[0],
+    )
+
+
+def _forward(decoder, features, captions):
+    logits, alphas = decoder(features, captions)
+    return logits, captions, alphas
+
+
+def test_doubly_stochastic_term_is_zero_when_each_location_gets_total_attention_one():
+    b, t, l, v = 2, 4, 4, 10
+    logits = torch.zeros(b, t, v)
+    captions = torch.full((b, t + 1), 5)
+    alphas = torch.eye(l).expand(b, t, l)  # step t looks only at location t: sum_t alpha_ti = 1 for all i
+    with_reg, _ = caption_loss(logits, captions, alphas, attention_reg=1.0)
+    without, _ = caption_loss(logits, captions, alphas, attention_reg=0.0)
+    torch.testing.assert_close(with_reg, without)
+    focused = torch.zeros(b, t, l)
+    focused[..., 0] = 1.0  # all steps on one location: penalised
+    assert caption_loss(logits, captions, focused, attention_reg=1.0)[0] > without
+
+
+def test_perplexity_ignores_label_smoothing():
+    decoder = AttentionDecoder(tiny_config(50)).eval()
+    features, captions = _batch(50)
+    args = _forward(decoder, features, captions)
+    _, ce_plain = caption_loss(*args, attention_reg=0.0)
+    loss_smooth, ce_smooth = caption_loss(*args, attention_reg=0.0, label_smoothing=0.1)
+    torch.testing.assert_close(ce_plain, ce_smooth)
+    assert not torch.isclose(loss_smooth, ce_smooth)
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+    decoder = AttentionDecoder(tiny_config(50))
+    features, captions = _batch(50)
+    loss, _ = caption_loss(*_forward(decoder, features * 100, captions))
+    (loss * 1000).backward()
+    params = [p for p in decoder.parameters() if p.grad is not None]
+    before = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    assert before > 0.5
+    assert after <= 0.5 + 1e-4
+
+
+def test_weight_tying_shares_one_tensor():
+    decoder = AttentionDecoder(tiny_config(50, tie_weights=True))
+    assert decoder.out_vocab.weight is decoder.embedding.weight
+    n_tied = sum(p.numel() for p in decoder.parameters())
+    n_untied = sum(p.numel() for p in AttentionDecoder(tiny_config(50)).parameters())
+    assert n_untied - n_tied == 50 * 24
+
+
+def test_gate_scales_context():
+    decoder = AttentionDecoder(tiny_config(50)).eval()
+    features, _ = _batch(50)
+    state = decoder.init_state(features)
+    _, _, state = decoder.step(state, torch.ones(3, dtype=torch.long))
+    assert ((state.beta > 0) & (state.beta < 1)).all()
