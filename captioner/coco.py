@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,28 +77,62 @@ def load_caption_texts(captions_file: str | Path) -> list[str]:
     return [a["caption"].strip() for a in data["annotations"] if a["caption"].strip()]
 
 
-class CaptionDataset(Dataset):
-    """One item per (image, caption): (features (L, D) float32, token ids (n+2,) with START/END)."""
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
-    def __init__(self, records: Sequence[ImageRecord], features, vocab: Vocabulary, max_words: int = 30):
-        self.features = features  # anything with .get(image_id) -> (L, D) tensor and .has(image_id)
-        self.items: list[tuple[int, list[int]]] = []
+
+def flip_caption(caption: str) -> str:
+    """The caption of the mirrored photo: "left" and "right" trade places."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1).lower() == "left" else "left", caption)
+
+
+class CaptionDataset(Dataset):
+    """One item per (image, caption): (features (L, D) float32, token ids (n+2,) with START/END).
+
+    With several feature stores (augmented views of the same photos, from `features.VIEWS`), each item reads
+    one view chosen by (seed, epoch, item): call `set_epoch` every epoch; a resumed run sees the same views.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        features,
+        vocab: Vocabulary,
+        max_words: int = 30,
+        views: Sequence[tuple[str, object]] | None = None,
+        seed: int = 0,
+    ):
+        # `features`: anything with .get(image_id) -> (L, D) tensor and .has(image_id); `views`: extra
+        # (view name, store) pairs for augmentation.
+        self.stores = [("original", features), *(views or [])]
+        self.seed, self.epoch = seed, 0
+        self.items: list[tuple[int, list[int], list[int]]] = []  # image id, caption ids, mirrored caption ids
         skipped = 0
         for record in records:
-            if not features.has(record.image_id):
+            if not all(store.has(record.image_id) for _, store in self.stores):
                 skipped += 1
                 continue
             for caption in record.captions:
-                self.items.append((record.image_id, vocab.encode(caption, max_words)))
+                ids = vocab.encode(caption, max_words)
+                self.items.append((record.image_id, ids, vocab.encode(flip_caption(caption), max_words)))
         if skipped:
             log.warning("%d images have no features (unreadable or missing files) and are skipped", skipped)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def view_of(self, index: int) -> int:
+        if len(self.stores) == 1:
+            return 0
+        key = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        return torch.randint(len(self.stores), (1,), generator=torch.Generator().manual_seed(key)).item()
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_id, ids = self.items[index]
-        return self.features.get(image_id), torch.tensor(ids, dtype=torch.long)
+        image_id, ids, mirrored = self.items[index]
+        name, store = self.stores[self.view_of(index)]
+        return store.get(image_id), torch.tensor(mirrored if "flip" in name else ids, dtype=torch.long)
 
 
 def collate_captions(

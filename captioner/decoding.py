@@ -68,17 +68,15 @@ def generate(
     features: torch.Tensor,
     vocab: Vocabulary,
     options: DecodingOptions | None = None,
-    semantic: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """features (B, L, D) -> for each image, its captions best first (`num_captions` of them)."""
     options = options or DecodingOptions()
     with torch.no_grad():
         if options.method == "beam":
-            return beam_search(decoder, features, vocab, options, semantic)
+            return beam_search(decoder, features, vocab, options)
         repeats = options.num_captions if options.method == "sample" else 1
         if repeats > 1:
             features = features.repeat_interleave(repeats, dim=0)
-            semantic = None if semantic is None else semantic.repeat_interleave(repeats, dim=0)
         if options.method == "sample" and options.temperature > 0:
             generator = torch.Generator(device=features.device)
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
@@ -90,7 +88,7 @@ def generate(
             def choose(logits: torch.Tensor) -> torch.Tensor:
                 return logits.argmax(dim=-1)
 
-        flat = _decode_stepwise(decoder, features, vocab, options.max_length, choose, semantic)
+        flat = _decode_stepwise(decoder, features, vocab, options.max_length, choose)
         per_image = [flat[i : i + repeats] for i in range(0, len(flat), repeats)]
         return [sorted(hyps, key=lambda h: h.log_prob, reverse=True) for hyps in per_image]
 
@@ -127,10 +125,10 @@ def sample_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _decode_stepwise(decoder, features, vocab, max_length, choose, semantic) -> list[Hypothesis]:
+def _decode_stepwise(decoder, features, vocab, max_length, choose) -> list[Hypothesis]:
     """One token per step for every row (greedy and sampling). features (N, L, D) -> N hypotheses."""
     n = features.size(0)
-    state: DecoderState = decoder.init_state(features, semantic)
+    state: DecoderState = decoder.init_state(features)
     tokens = torch.full((n,), vocab.start_id, dtype=torch.long, device=features.device)
     done = torch.zeros(n, dtype=torch.bool, device=features.device)
     steps_tokens, steps_logp, steps_alpha, steps_beta = [], [], [], []
@@ -185,7 +183,6 @@ def beam_search(
     features: torch.Tensor,
     vocab: Vocabulary,
     options: DecodingOptions,
-    semantic: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search. features (B, L, D) -> per image its n-best (<= num_captions), best first.
 
@@ -195,9 +192,7 @@ def beam_search(
     """
     b, k = features.size(0), options.beam_size
     device = features.device
-    state = decoder.init_state(
-        features.repeat_interleave(k, dim=0), None if semantic is None else semantic.repeat_interleave(k, dim=0)
-    )
+    state = decoder.init_state(features.repeat_interleave(k, dim=0))
     tokens = torch.full((b * k,), vocab.start_id, dtype=torch.long, device=device)
     scores = torch.zeros(b, k, device=device)  # cumulative log p of the alive beams
     scores[:, 1:] = float("-inf")  # all beams start identical: keep only the first alive

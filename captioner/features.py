@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -29,11 +30,30 @@ log = logging.getLogger(__name__)
 TODO, DONE, FAILED = 0, 1, 2
 
 
+def _center_crop(image: Image.Image, keep: float = 0.8) -> Image.Image:
+    w, h = image.size
+    dw, dh = int(w * (1 - keep) / 2), int(h * (1 - keep) / 2)
+    return image.crop((dw, dh, w - dw, h - dh))
+
+
+# Augmented views of a training photo, each cached once. A view whose name contains "flip" mirrors the photo,
+# so its captions must swap left and right (see coco.flip_caption).
+VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "original": lambda im: im,
+    "flip": lambda im: ImageOps.mirror(im),
+    "crop": _center_crop,
+    "flip-crop": lambda im: _center_crop(ImageOps.mirror(im)),
+}
+
+
 class ImageFileDataset(Dataset):
     """Loads and preprocesses images; an unreadable one yields None (reported, then skipped)."""
 
-    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, indices: Sequence[int]):
+    def __init__(
+        self, paths: Sequence[Path], preprocessing: Preprocessing, indices: Sequence[int], view: str = "original"
+    ):
         self.paths, self.preprocessing, self.indices = paths, preprocessing, list(indices)
+        self.view = VIEWS[view]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -41,7 +61,7 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         index = self.indices[i]
         try:
-            return index, self.preprocessing(open_image(self.paths[index])), None
+            return index, self.preprocessing(self.view(open_image(self.paths[index]))), None
         except ImageError as exc:
             return index, None, str(exc)
 
@@ -81,14 +101,19 @@ class FeatureStore:
         return [int(i) for i, s in zip(self.index["image_ids"], self.status, strict=True) if s == FAILED]
 
 
-def cache_folder(cache_root: str | Path, encoder: Encoder, records: Sequence[ImageRecord]) -> Path:
-    """A folder name that changes whenever the encoder, its input size or the image list changes."""
+def cache_folder(
+    cache_root: str | Path, encoder: Encoder, records: Sequence[ImageRecord], view: str = "original"
+) -> Path:
+    """A folder name that changes whenever the encoder, its input size, the view or the image list changes."""
     key = hashlib.sha256()
     key.update(json.dumps([encoder.name, encoder.preprocessing.to_json(), encoder.fine_tune_blocks]).encode())
+    if view != "original":  # (keeps the names of caches made before views existed)
+        key.update(view.encode())
     for record in records:
         key.update(f"{record.image_id}:{record.path}\n".encode())
     size = encoder.preprocessing.image_size
-    return Path(cache_root) / f"{encoder.name}-{size}px-{len(records)}img-{key.hexdigest()[:10]}"
+    suffix = "" if view == "original" else f"-{view}"
+    return Path(cache_root) / f"{encoder.name}-{size}px-{len(records)}img-{key.hexdigest()[:10]}{suffix}"
 
 
 def build_feature_store(
@@ -98,9 +123,10 @@ def build_feature_store(
     batch_size: int = 16,
     num_workers: int = 0,
     progress: bool = True,
+    view: str = "original",
 ) -> FeatureStore:
     """Encode every record's image once (resuming a partial cache) and return the store."""
-    folder = cache_folder(cache_root, encoder, records)
+    folder = cache_folder(cache_root, encoder, records, view)
     folder.mkdir(parents=True, exist_ok=True)
     device = next(encoder.parameters()).device
     if device.type == "cpu":
@@ -111,6 +137,7 @@ def build_feature_store(
         grid = encoder.grid_size()
         index = {
             "encoder": encoder.name,
+            "view": view,
             "preprocessing": encoder.preprocessing.to_json(),
             "grid": list(grid),
             "feature_dim": encoder.feature_dim,
@@ -125,12 +152,13 @@ def build_feature_store(
     if todo:
         features = np.load(features_file, mmap_mode="r+")
         loader = DataLoader(
-            ImageFileDataset([r.path for r in records], encoder.preprocessing, todo),
+            ImageFileDataset([r.path for r in records], encoder.preprocessing, todo, view),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate_images,
         )
-        bar = tqdm(total=len(todo), desc=f"encoding images ({encoder.name})", unit="img", disable=not progress)
+        bar = tqdm(total=len(todo), desc=f"encoding images ({encoder.name}, {view})", unit="img",
+                   disable=not progress)
         with torch.no_grad():
             for batch in loader:
                 good = [(i, x) for i, x, _ in batch if x is not None]

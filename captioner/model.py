@@ -30,7 +30,9 @@ class CaptionerConfig:
     num_layers: int = 1  # stacked LSTM layers; attention reads the top one
     dropout: float = 0.5
     tie_weights: bool = False  # share the embedding matrix with the output projection (V x E)
-    semantic_dim: int = 0  # >0: an extra per-image vector (e.g. classifier probabilities) feeds h0/c0
+    # >0: the backbone's own ImageNet classifier (a frozen copy, C classes) turns the mean feature into class
+    # probabilities that feed h0/c0 beside it: a free, offline "what is in the photo" signal for small data.
+    semantic_classes: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -67,7 +69,8 @@ class SoftAttention(nn.Module):
         super().__init__()
         self.feature_proj = nn.Linear(feature_dim, attention_dim)  # W_a
         self.hidden_proj = nn.Linear(hidden_dim, attention_dim)  # W_h
-        self.score = nn.Linear(attention_dim, 1)  # w
+        # No bias: softmax ignores a constant, so its gradient is pure rounding noise that Adam would amplify.
+        self.score = nn.Linear(attention_dim, 1, bias=False)  # w
 
     def forward(
         self, features: torch.Tensor, projected_features: torch.Tensor, hidden: torch.Tensor
@@ -89,7 +92,9 @@ class AttentionDecoder(nn.Module):
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
         self.attention = SoftAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
         self.gate = nn.Linear(c.hidden_dim, 1)  # beta_t = sigmoid(f_beta(h_{t-1}))
-        init_dim = c.feature_dim + c.semantic_dim
+        if c.semantic_classes:
+            self.class_head = nn.Linear(c.feature_dim, c.semantic_classes).requires_grad_(False)
+        init_dim = c.feature_dim + c.semantic_classes
         self.init_h = nn.Linear(init_dim, c.num_layers * c.hidden_dim)
         self.init_c = nn.Linear(init_dim, c.num_layers * c.hidden_dim)
         self.cells = nn.ModuleList(
@@ -117,14 +122,16 @@ class AttentionDecoder(nn.Module):
                 cell.bias_ih[h : 2 * h].fill_(1.0)
         nn.init.zeros_(self.out_vocab.bias)
 
-    def init_state(self, features: torch.Tensor, semantic: torch.Tensor | None = None) -> DecoderState:
-        """features (B, L, D), optional semantic (B, S) -> initial state; h0, c0 from the mean feature."""
+    def semantic_input(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, D) -> class probabilities (B, C) from the frozen classifier head."""
+        return F.softmax(self.class_head(features.mean(dim=1)), dim=-1)
+
+    def init_state(self, features: torch.Tensor) -> DecoderState:
+        """features (B, L, D) -> initial state; h0, c0 from the mean feature (and class probabilities)."""
         b = features.size(0)
         summary = features.mean(dim=1)  # (B, D)
-        if self.config.semantic_dim:
-            if semantic is None:
-                semantic = features.new_zeros(b, self.config.semantic_dim)
-            summary = torch.cat([summary, semantic], dim=1)
+        if self.config.semantic_classes:
+            summary = torch.cat([summary, self.semantic_input(features)], dim=1)
         h = torch.tanh(self.init_h(summary)).view(b, self.config.num_layers, self.config.hidden_dim)
         c = torch.tanh(self.init_c(summary)).view(b, self.config.num_layers, self.config.hidden_dim)
         return DecoderState(
@@ -160,15 +167,13 @@ class AttentionDecoder(nn.Module):
         )
         return logits, alpha, new_state
 
-    def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, semantic: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing. features (B, L, D), captions (B, T+1) = START w1 .. wn END PAD..
 
         Returns logits (B, T, V) predicting captions[:, 1:], and alphas (B, T, L). Padded positions are
         computed too (cheap, and no sort-and-pack); the loss masks them out.
         """
-        state = self.init_state(features, semantic)
+        state = self.init_state(features)
         inputs = captions[:, :-1]  # (B, T)
         logits, alphas = [], []
         for t in range(inputs.size(1)):
@@ -185,33 +190,31 @@ def caption_loss(
     pad_id: int = 0,
     attention_reg: float = 1.0,
     label_smoothing: float = 0.0,
+    normalizer: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked cross-entropy + doubly stochastic attention regularisation.
 
     logits (B, T, V), captions (B, T+1), alphas (B, T, L). Returns (loss to optimise, mean cross-entropy per
-    real token). The regulariser lambda * sum_i (1 - sum_t alpha_ti)^2 pushes the model to look at every
-    location over the caption; only real (unpadded) steps count in sum_t.
+    real token, detached). The regulariser lambda * sum_i (1 - sum_t alpha_ti)^2 pushes the model to look at
+    every location over the caption; only real (unpadded) steps count in sum_t. The loss is a sum over real
+    tokens divided by `normalizer` (default: their count); distributed training passes the global count.
     """
     targets = captions[:, 1:]  # (B, T)
     mask = targets != pad_id  # (B, T)
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        reduction="none",
-        label_smoothing=label_smoothing,
-    ).view_as(targets)
     n_tokens = mask.sum().clamp(min=1)
-    loss = (ce * mask).sum() / n_tokens
+    flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    ce = F.cross_entropy(flat_logits, flat_targets, reduction="none", label_smoothing=label_smoothing)
+    loss_sum = (ce.view_as(targets) * mask).sum()
     # Perplexity must be exp(true cross-entropy), so report it without label smoothing.
     if label_smoothing:
         with torch.no_grad():
-            plain = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-            cross_entropy = (plain.view_as(targets) * mask).sum() / n_tokens
+            plain = F.cross_entropy(flat_logits, flat_targets, reduction="none").view_as(targets)
+            cross_entropy = (plain * mask).sum() / n_tokens
     else:
-        cross_entropy = loss.detach()
+        cross_entropy = loss_sum.detach() / n_tokens
     if attention_reg:
         attention_sum = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, L)
-        # The paper adds lambda * sum_i(...) per caption to the *summed* negative log-likelihood; we average
-        # the likelihood per token, so divide the penalty by the same token count to keep lambda's meaning.
-        loss = loss + attention_reg * ((1.0 - attention_sum) ** 2).sum() / n_tokens
-    return loss, cross_entropy
+        # The paper adds lambda * sum_i(...) per caption to the *summed* negative log-likelihood; the same
+        # normaliser divides both, so lambda keeps its meaning.
+        loss_sum = loss_sum + attention_reg * ((1.0 - attention_sum) ** 2).sum()
+    return loss_sum / (n_tokens if normalizer is None else normalizer), cross_entropy

@@ -8,6 +8,10 @@ Laid out like torchvision's reference scripts: `train_one_epoch`, `evaluate`, `m
 Each epoch appends one JSON line to OUTPUT/metrics.jsonl (loss, cross-entropy, perplexity = exp(CE), val
 BLEU-4 / CIDEr from decoding, learning rate), and writes OUTPUT/last.pt (everything --resume needs) and
 OUTPUT/best.pt (best validation score so far) atomically.
+
+Several GPUs or nodes: `torchrun --nproc-per-node N -m captioner train ...` (DistributedDataParallel; the
+global batch, the loss normalisation and the shuffling are those of one process, so N processes follow the
+single-process trajectory; rank 0 alone writes checkpoints and logs; validation decoding is sharded).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .coco import (
     CaptionDataset,
     ImageRecord,
@@ -36,8 +41,17 @@ from .coco import (
     load_karpathy_split,
 )
 from .decoding import DecodingOptions, generate
+from .distributed import (
+    SINGLE_PROCESS,
+    DistributedEnv,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+    init_distributed,
+    shutdown,
+)
 from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder
-from .features import FeatureStore, build_feature_store
+from .features import VIEWS, FeatureStore, build_feature_store
 from .metrics import fast_scores
 from .model import AttentionDecoder, CaptionerConfig, caption_loss
 from .vocab import Vocabulary
@@ -59,6 +73,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--min-word-count", type=int, default=5, help="rarer words become <unk>")
     data.add_argument("--max-words", type=int, default=30, help="longer training captions are cut")
     data.add_argument("--val-limit", type=int, default=0, help="validate on the first N images only (0: all)")
+    data.add_argument("--augment", default="", help="extra cached views of each training photo, one sampled per "
+                      f"caption and epoch: comma-separated from {sorted(set(VIEWS) - {'original'})}")
 
     model = p.add_argument_group("model")
     model.add_argument("--encoder", default=DEFAULT_BACKBONE, help="backbone name (see `captioner.encoder`)")
@@ -73,11 +89,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--num-layers", type=int, default=1)
     model.add_argument("--dropout", type=float, default=0.5)
     model.add_argument("--tie-weights", action="store_true", help="share embedding and output matrices")
+    model.add_argument("--semantic", action="store_true",
+                       help="feed the backbone's ImageNet class probabilities into h0/c0")
     model.add_argument("--init-from", type=Path, help="start from this checkpoint's decoder weights")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=20)
-    opt.add_argument("--batch-size", type=int, default=32)
+    opt.add_argument("--batch-size", type=int, default=32, help="global batch, split over the processes")
     opt.add_argument("--lr", type=float, default=4e-4)
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--grad-clip", type=float, default=5.0, help="max global L2 norm of the gradients")
@@ -96,6 +114,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, default=0)
     run.add_argument("--eval-batch-size", type=int, default=64)
     run.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")
+    run.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                     help="mixed precision on CUDA (fp16 adds a gradient scaler); the CPU path stays fp32")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
     return p
 
 
@@ -134,45 +155,70 @@ def build_vocab(train: Sequence[ImageRecord], extra_text_files: Sequence[Path], 
 # One epoch, validation
 
 
+class CaptionModel(nn.Module):
+    """What one training step runs: the decoder, with the encoder in front when it is being fine-tuned
+    (then batches hold images; otherwise they hold cached features). One module, so DDP wraps both."""
+
+    def __init__(self, decoder: AttentionDecoder, encoder: Encoder | None = None):
+        super().__init__()
+        self.decoder, self.encoder = decoder, encoder
+
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(inputs) if self.encoder is not None else inputs  # (B, L, D)
+        return self.decoder(features, captions)
+
+
 def train_one_epoch(
-    decoder: AttentionDecoder,
+    model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     args: argparse.Namespace,
     epoch: int,
-    encoder: Encoder | None = None,
+    env: DistributedEnv = SINGLE_PROCESS,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`. With `encoder`, batches hold images and the encoder runs in the loop."""
-    decoder.train()
-    if encoder is not None:
-        encoder.train()
-    device = next(decoder.parameters()).device
+    """One pass over `loader` (a CaptionModel, possibly DDP-wrapped). Returns epoch means over all ranks."""
+    model.train()
+    device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    total_loss = total_ce = 0.0
-    total_tokens = 0
+    sums = torch.zeros(3, dtype=torch.float64)  # loss * tokens, cross-entropy * tokens, tokens
     max_norm = 0.0
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=args.no_progress, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=args.no_progress or not env.is_main, leave=False)
     for inputs, captions in bar:
-        inputs, captions = inputs.to(device), captions.to(device)
-        features = encoder(inputs) if encoder is not None else inputs  # (B, L, D)
-        logits, alphas = decoder(features, captions)
+        inputs, captions = inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+        local_tokens = (captions[:, 1:] != 0).sum()
+        # Normalise by the tokens of the *global* batch: DDP averages gradients over ranks, so N processes then
+        # compute exactly the gradient one process would on the whole batch.
+        global_tokens = all_reduce_sum(local_tokens.double(), env)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits, alphas = model(inputs, captions)
         loss, ce = caption_loss(
-            logits, captions, alphas, attention_reg=args.attention_reg, label_smoothing=args.label_smoothing
+            logits.float(), captions, alphas.float(), attention_reg=args.attention_reg,
+            label_smoothing=args.label_smoothing, normalizer=global_tokens.float() / env.world_size,
         )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:  # fp16: scale the loss so small gradients survive, unscale before clipping
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
         # Global L2 norm over all parameters (not per tensor): keeps the update direction.
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        tokens = int((captions[:, 1:] != 0).sum())
-        total_loss += float(loss.detach()) * tokens
-        total_ce += float(ce) * tokens
-        total_tokens += tokens
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        n = float(local_tokens)
+        sums += torch.tensor([float(loss.detach()) * float(global_tokens) / env.world_size, float(ce) * n, n],
+                             dtype=torch.float64)
         max_norm = max(max_norm, float(norm))
-        bar.set_postfix(loss=f"{float(loss):.3f}", ppl=f"{math.exp(float(ce)):.1f}")
-    ce = total_ce / max(total_tokens, 1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ppl=f"{math.exp(float(ce)):.1f}")
+    loss_sum, ce_sum, tokens = all_reduce_sum(sums.to(device), env).tolist()
+    ce = ce_sum / max(tokens, 1)
     return {
-        "train_loss": total_loss / max(total_tokens, 1),
+        "train_loss": loss_sum / max(tokens, 1),
         "train_cross_entropy": ce,
         "train_perplexity": math.exp(ce),
         "max_grad_norm_before_clip": max_norm,
@@ -187,25 +233,31 @@ def evaluate(
     vocab: Vocabulary,
     options: DecodingOptions | None = None,
     batch_size: int = 64,
+    env: DistributedEnv = SINGLE_PROCESS,
 ) -> tuple[dict[str, float], dict[int, str]]:
     """Validation the honest way: decode every image and score the captions (BLEU-4, CIDEr-D), plus
-    teacher-forced cross-entropy on the reference captions for perplexity."""
+    teacher-forced cross-entropy on the reference captions for perplexity. Under DDP each rank decodes a
+    shard and every rank gets the same gathered scores."""
     decoder.eval()
     device = next(decoder.parameters()).device
     options = options or DecodingOptions(method="greedy")
     records = [r for r in records if features.has(r.image_id)]
+    shard = records[env.rank :: env.world_size]
     predictions: dict[int, str] = {}
-    total_ce, total_tokens = 0.0, 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
+    ce_sum, tokens = 0.0, 0
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
         feats = torch.stack([features.get(r.image_id) for r in chunk]).to(device)  # (B, L, D)
         for record, hyps in zip(chunk, generate(decoder, feats, vocab, options), strict=True):
             predictions[record.image_id] = vocab.decode(hyps[0].tokens)
-        ce, tokens = reference_cross_entropy(decoder, feats, [r.captions for r in chunk], vocab)
-        total_ce += ce * tokens
-        total_tokens += tokens
+        ce, n = reference_cross_entropy(decoder, feats, [r.captions for r in chunk], vocab)
+        ce_sum += ce * n
+        tokens += n
+    parts = gather_objects((predictions, ce_sum, tokens), env)  # in rank order, the same on every rank
+    predictions = {image_id: text for part, _, _ in parts for image_id, text in part.items()}
+    ce_sum, tokens = sum(part[1] for part in parts), sum(part[2] for part in parts)
     scores = fast_scores(predictions, {r.image_id: list(r.captions) for r in records})
-    ce = total_ce / max(total_tokens, 1)
+    ce = ce_sum / max(tokens, 1)
     return {**scores, "val_cross_entropy": ce, "val_perplexity": math.exp(ce)}, predictions
 
 
@@ -249,10 +301,12 @@ class _ImageCaptionDataset(torch.utils.data.Dataset):
         return self.preprocessing(self._open(path)), torch.tensor(ids)
 
 
-def _resolve_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _parse_views(spec: str) -> list[str]:
+    views = [v.strip() for v in spec.split(",") if v.strip()]
+    unknown = [v for v in views if v not in VIEWS or v == "original"]
+    if unknown:
+        raise SystemExit(f"unknown --augment view(s) {unknown}; choose from {sorted(set(VIEWS) - {'original'})}")
+    return views
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
@@ -268,18 +322,17 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _args_json(args: argparse.Namespace) -> dict[str, Any]:
@@ -287,18 +340,19 @@ def _args_json(args: argparse.Namespace) -> dict[str, Any]:
             for k, v in vars(args).items() if not callable(v)}
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run a training; returns the best validation metrics. Safe to kill and `--resume` at any time."""
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(args.output_dir / "train.log")
-    device = _resolve_device(args.device)
-    _set_seed(args.seed)
-    train_records, val_records = load_splits(args)
-    log.info("data: %d training images, %d validation images", len(train_records), len(val_records))
+def _amp_settings(args: argparse.Namespace, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether fp16 needs a gradient scaler). CPU training stays fp32."""
+    if args.amp == "off":
+        return None, False
+    if device.type != "cuda":
+        log.warning("--amp %s ignored on %s: the CPU path stays fp32", args.amp, device)
+        return None, False
+    return (torch.bfloat16, False) if args.amp == "bf16" else (torch.float16, True)
 
-    encoder = Encoder(args.encoder, pretrained=not args.random_encoder, image_size=args.image_size,
-                      fine_tune_blocks=args.fine_tune_blocks).to(device)
-    last_path, best_path = args.output_dir / "last.pt", args.output_dir / "best.pt"
+
+def _load_start(args: argparse.Namespace, encoder: Encoder) -> tuple[Checkpoint | None, Checkpoint | None]:
+    """(checkpoint to resume, checkpoint to initialise from); refuses ones made with another backbone."""
+    last_path = args.output_dir / "last.pt"
     resume = load_checkpoint(last_path) if args.resume and last_path.exists() else None
     if args.resume and resume is None:
         log.info("--resume: no %s yet, starting fresh", last_path)
@@ -306,36 +360,40 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for source, ckpt in ((last_path, resume), (args.init_from, init)):
         if ckpt is not None and ckpt.encoder_name != encoder.name:
             raise CheckpointError(f"{source} was trained with {ckpt.encoder_name}, not --encoder {encoder.name}")
+    return resume, init
 
-    vocab = (resume or init).vocab if (resume or init) else build_vocab(
-        train_records, args.vocab_text, args.min_word_count
-    )
-    log.info("vocabulary: %d words (min count %d)", len(vocab), args.min_word_count)
 
-    # Frozen encoder: encode every image once into the cache. Fine-tuning: images go through it each step.
+def _build_datasets(
+    args, train_records, val_records, encoder, vocab, env
+) -> tuple[torch.utils.data.Dataset, FeatureStore]:
+    """(training set, validation feature store). A frozen encoder encodes every image once into the cache
+    (rank 0 first, then the others read what it wrote); when fine-tuning, training images go through the
+    encoder at every step instead."""
     cache_root = args.cache_dir or args.output_dir.parent / ".cache"
-    val_store = build_feature_store(val_records, encoder, cache_root, progress=not args.no_progress)
+    progress = not args.no_progress and env.is_main
+    views = ["original", *_parse_views(args.augment)] if not args.fine_tune_blocks else []
+    stores, val_store = {}, None
+    for turn in ("main", "others"):
+        if (turn == "main") == env.is_main:
+            val_store = build_feature_store(val_records, encoder, cache_root, progress=progress)
+            for view in views:
+                stores[view] = build_feature_store(train_records, encoder, cache_root, progress=progress, view=view)
+        barrier(env)
     if args.fine_tune_blocks:
-        train_set = _ImageCaptionDataset(train_records, encoder, vocab, args.max_words)
-    else:
-        train_store = build_feature_store(train_records, encoder, cache_root, progress=not args.no_progress)
-        train_set = CaptionDataset(train_records, train_store, vocab, args.max_words)
-    if len(train_set) == 0:
-        raise SystemExit("no usable training captions (every image failed to load?)")
+        return _ImageCaptionDataset(train_records, encoder, vocab, args.max_words), val_store
+    extra = [(view, store) for view, store in stores.items() if view != "original"]
+    train_set = CaptionDataset(train_records, stores["original"], vocab, args.max_words, views=extra, seed=args.seed)
+    return train_set, val_store
 
-    # Seed again here: building the caches consumed random numbers (DataLoader seeding) only on a first run,
-    # and a resumed or repeated run must initialise exactly the same way.
-    _set_seed(args.seed)
-    if resume is not None:
-        decoder = resume.decoder
-        if resume.encoder_state is not None:
-            encoder.cnn.load_state_dict(resume.encoder_state)
-    elif init is not None:
-        decoder = init.decoder
-        if init.encoder_state is not None:
-            encoder.cnn.load_state_dict(init.encoder_state)
+
+def _build_decoder(args, vocab: Vocabulary, encoder: Encoder, resume, init) -> AttentionDecoder:
+    if resume is not None or init is not None:
+        start = resume or init
+        decoder = start.decoder
+        if start.encoder_state is not None:
+            encoder.cnn.load_state_dict(start.encoder_state)
     else:
-        config = CaptionerConfig(
+        decoder = AttentionDecoder(CaptionerConfig(
             vocab_size=len(vocab),
             feature_dim=encoder.feature_dim,
             embed_dim=args.embed_dim,
@@ -344,82 +402,144 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             num_layers=args.num_layers,
             dropout=args.dropout,
             tie_weights=args.tie_weights,
-        )
-        decoder = AttentionDecoder(config)
-    decoder.to(device)
+            semantic_classes=encoder.classifier.out_features if args.semantic else 0,
+        ))
+    if resume is None and decoder.config.semantic_classes:
+        # The frozen class head is a copy of this backbone's classifier (an LM checkpoint only has a placeholder).
+        decoder.class_head.load_state_dict(encoder.classifier.state_dict())
+    return decoder
 
-    param_groups = [{"params": list(decoder.parameters()), "lr": args.lr}]
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run a training; returns the best validation metrics. Safe to kill and `--resume` at any time."""
+    env, device = init_distributed(args.device)
+    try:
+        return _train(args, env, device)
+    finally:
+        shutdown(env)
+
+
+def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) -> dict[str, Any]:
+    if args.batch_size % env.world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} must divide evenly over {env.world_size} processes")
+    if env.is_main:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    barrier(env)
+    _setup_logging(args.output_dir / "train.log", env)
+    _set_seed(args.seed)
+    train_records, val_records = load_splits(args)
+    log.info("data: %d training images, %d validation images", len(train_records), len(val_records))
+
+    encoder = Encoder(args.encoder, pretrained=not args.random_encoder, image_size=args.image_size,
+                      fine_tune_blocks=args.fine_tune_blocks).to(device)
+    resume, init = _load_start(args, encoder)
+    start = resume or init
+    vocab = start.vocab if start else build_vocab(train_records, args.vocab_text, args.min_word_count)
+    log.info("vocabulary: %d words (min count %d)", len(vocab), args.min_word_count)
+
+    train_set, val_store = _build_datasets(args, train_records, val_records, encoder, vocab, env)
+    if len(train_set) == 0:
+        raise SystemExit("no usable training captions (every image failed to load?)")
+
+    # Seed again here: building the caches consumed random numbers (DataLoader seeding) only on a first run,
+    # and a resumed or repeated run must initialise exactly the same way.
+    _set_seed(args.seed)
+    decoder = _build_decoder(args, vocab, encoder, resume, init).to(device)
+    model: nn.Module = CaptionModel(decoder, encoder if args.fine_tune_blocks else None)
+    if env.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        if device.type == "cuda":
+            model = torch.compile(model)
+        else:
+            log.warning("--compile ignored on %s", device)
+    # Dropout must differ between ranks (each sees other captions), yet be reproducible.
+    torch.manual_seed(args.seed * 1000 + env.rank)
+
+    param_groups = [{"params": [p for p in decoder.parameters() if p.requires_grad], "lr": args.lr}]
     trainable_encoder = [p for p in encoder.parameters() if p.requires_grad]
     if trainable_encoder:
         param_groups.append({"params": trainable_encoder, "lr": args.encoder_lr})
     optimizer = torch.optim.Adam(param_groups, weight_decay=args.weight_decay)
     scheduler = _make_scheduler(optimizer, args)
+    amp_dtype, needs_scaler = _amp_settings(args, device)
+    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
 
+    last_path, best_path = args.output_dir / "last.pt", args.output_dir / "best.pt"
     start_epoch, best_score, bad_epochs = 1, float("-inf"), 0
     if resume is not None and resume.training is not None:
         t = resume.training
         optimizer.load_state_dict(t["optimizer"])
         if scheduler is not None and t.get("scheduler"):
             scheduler.load_state_dict(t["scheduler"])
+        if scaler is not None and t.get("scaler"):
+            scaler.load_state_dict(t["scaler"])
         start_epoch, best_score, bad_epochs = t["epoch"] + 1, t["best_score"], t["bad_epochs"]
-        _restore_rng(t["rng"])
+        rng = t["rng"]
+        _restore_rng(rng[env.rank] if env.rank < len(rng) else rng[0], device)
         log.info("resumed from %s at epoch %d (best %s %.4f)", last_path, start_epoch, args.monitor, best_score)
 
     metrics_file = args.output_dir / "metrics.jsonl"
-    _drop_rows_from(metrics_file, start_epoch)  # rows of an epoch that was killed before its checkpoint
+    if env.is_main:
+        _drop_rows_from(metrics_file, start_epoch)  # rows of an epoch that was killed before its checkpoint
     best_metrics: dict[str, Any] = resume.metrics if resume is not None else {}
     for epoch in range(start_epoch, args.epochs + 1):
         if bad_epochs >= args.patience:
             log.info("early stop: %d epochs without a better %s", bad_epochs, args.monitor)
             break
         started = time.time()
-        # Shuffling depends only on (seed, epoch), so a resumed run sees the same batches.
-        order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-        loader = DataLoader(
-            train_set, batch_size=args.batch_size, shuffle=True, generator=order,
-            collate_fn=collate_captions, num_workers=args.num_workers,
-        )
+        # Shuffling depends only on (seed, epoch), and N processes split exactly the permutation one process
+        # would use, so a resumed run and a DDP run see the same global batches as a single process.
+        sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                     seed=args.seed)
+        sampler.set_epoch(epoch)
+        if isinstance(train_set, CaptionDataset):
+            train_set.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size, sampler=sampler,
+                            collate_fn=collate_captions, num_workers=args.num_workers,
+                            pin_memory=device.type == "cuda")
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(decoder, loader, optimizer, args, epoch,
-                                   encoder if args.fine_tune_blocks else None))
-        scores, predictions = evaluate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size)
+        row.update(train_one_epoch(model, loader, optimizer, args, epoch, env, scaler, amp_dtype))
+        scores, predictions = evaluate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size,
+                                       env=env)
         row.update(scores)
         row["seconds"] = round(time.time() - started, 2)
         score = scores[args.monitor]
         if scheduler is not None:
             scheduler.step(score) if args.lr_schedule == "plateau" else scheduler.step()
         improved = score > best_score
-        if improved:
-            best_score, bad_epochs = score, 0
-        else:
-            bad_epochs += 1
+        best_score, bad_epochs = (score, 0) if improved else (best_score, bad_epochs + 1)
         row["best"] = improved
         log.info(
             "epoch %d: loss %.3f ppl %.1f | val ppl %.1f BLEU-4 %.3f CIDEr %.3f %s| %.0fs",
             epoch, row["train_loss"], row["train_perplexity"], row["val_perplexity"], row["BLEU-4"],
             row["CIDEr"], "(best) " if improved else "", row["seconds"],
         )
-        sample = next(iter(predictions.items()))
-        log.info("  e.g. image %d: %s", *sample)
-        encoder_state = encoder.cnn.state_dict() if args.fine_tune_blocks else None
-        common = {"encoder_state": encoder_state}
-        if improved:
-            best_metrics = {**{k: v for k, v in row.items() if isinstance(v, int | float)}, "args": _args_json(args)}
-            save_checkpoint(best_path, decoder, vocab, encoder.name, encoder.preprocessing,
-                            metrics=best_metrics, **common)
-        training = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": epoch,
-            "best_score": best_score,
-            "bad_epochs": bad_epochs,
-            "rng": _rng_state(),
-        }
-        save_checkpoint(last_path, decoder, vocab, encoder.name, encoder.preprocessing,
-                        metrics=best_metrics, training=training, **common)
-        with metrics_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    plot_training_curves(metrics_file, args.output_dir / "training_curves.png")
+        log.info("  e.g. image %d: %s", *next(iter(predictions.items())))
+        rng = gather_objects(_rng_state(device), env)  # every rank's, so each resumes its own stream
+        if env.is_main:
+            encoder_state = encoder.cnn.state_dict() if args.fine_tune_blocks else None
+            if improved:
+                best_metrics = {**{k: v for k, v in row.items() if isinstance(v, int | float)},
+                                "args": _args_json(args)}
+                save_checkpoint(best_path, decoder, vocab, encoder.name, encoder.preprocessing,
+                                metrics=best_metrics, encoder_state=encoder_state)
+            training = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch,
+                "best_score": best_score,
+                "bad_epochs": bad_epochs,
+                "rng": rng,
+            }
+            save_checkpoint(last_path, decoder, vocab, encoder.name, encoder.preprocessing,
+                            metrics=best_metrics, training=training, encoder_state=encoder_state)
+            with metrics_file.open("a") as f:  # after the checkpoint: a logged epoch is always resumable
+                f.write(json.dumps(row) + "\n")
+    if env.is_main:
+        plot_training_curves(metrics_file, args.output_dir / "training_curves.png")
+    barrier(env)
     return best_metrics
 
 
@@ -459,15 +579,19 @@ def plot_training_curves(metrics_file: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def _setup_logging(log_file: Path) -> None:
+def _setup_logging(log_file: Path, env: DistributedEnv = SINGLE_PROCESS) -> None:
+    """Rank 0 logs to OUTPUT/train.log and the terminal; other ranks only print warnings."""
     root = logging.getLogger("captioner")
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if env.is_main else logging.WARNING)
     for h in list(root.handlers):
         if getattr(h, "_captioner", False):
             root.removeHandler(h)
             h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(log_file), logging.StreamHandler()):
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if env.is_main:
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
         handler.setFormatter(fmt)
         handler._captioner = True  # type: ignore[attr-defined]
         root.addHandler(handler)

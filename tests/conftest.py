@@ -14,6 +14,10 @@ from captioner.encoder import Preprocessing, get_backbone
 from captioner.model import AttentionDecoder, CaptionerConfig
 from captioner.vocab import Vocabulary
 
+# The models in tests are tiny: one thread is as fast, and with two processes on two cores (the test server, a
+# browser, a training run) PyTorch's spinning worker threads made steps up to 20x slower here.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 COCO_MINI = Path(os.environ.get("COCO_MINI", REPO.parent / "shared" / "data" / "coco-mini"))
 

@@ -1,0 +1,91 @@
+"""Small-data levers: caption LM pretraining, the semantic (class-probability) input."""
+
+import math
+
+import torch
+
+from captioner import lm
+from captioner.checkpoint import load_checkpoint
+from captioner.coco import load_caption_texts
+from captioner.model import AttentionDecoder
+from tests.conftest import tiny_config
+
+
+def test_lm_pretraining_lowers_perplexity_on_held_out_caption_text(coco_mini, tmp_path):
+    """Pretrain on COCO caption text (no photos); the coco-mini *val* captions were never seen by it."""
+    text = tmp_path / "text.json"
+    full = (coco_mini / "annotations" / "captions_text_only.json").read_text()
+    import json
+
+    data = json.loads(full)
+    data["annotations"] = data["annotations"][:4000]
+    text.write_text(json.dumps(data))
+    args = lm.get_args_parser().parse_args([
+        "--text", str(text), "--output-dir", str(tmp_path / "lm"), "--epochs", "2", "--embed-dim", "32",
+        "--hidden-dim", "64", "--attention-dim", "16", "--dropout", "0.1", "--min-word-count", "3",
+        "--batch-size", "64", "--lr", "3e-3", "--no-progress", "--device", "cpu",
+    ])
+    lm.main(args)
+    pretrained = load_checkpoint(tmp_path / "lm" / "lm.pt")
+    vocab = pretrained.vocab
+    held_out = [vocab.encode(c) for c in load_caption_texts(coco_mini / "annotations" / "captions_val.json")]
+    torch.manual_seed(0)
+    fresh = AttentionDecoder(pretrained.config)
+    ppl_fresh = math.exp(lm.lm_epoch(fresh, held_out, None, 64))
+    ppl_pretrained = math.exp(lm.lm_epoch(pretrained.decoder, held_out, None, 64))
+    assert ppl_pretrained < 0.25 * ppl_fresh, (ppl_pretrained, ppl_fresh)
+    assert ppl_pretrained < 80
+
+
+def test_semantic_input_has_class_probabilities_and_can_be_switched_off():
+    on = AttentionDecoder(tiny_config(30, feature_dim=16, semantic_classes=10)).eval()
+    features = torch.randn(3, 5, 16)
+    probs = on.semantic_input(features)
+    assert probs.shape == (3, 10)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    assert on.init_h.in_features == 16 + 10
+    assert not on.class_head.weight.requires_grad  # a frozen copy of the backbone's classifier
+    with torch.no_grad():
+        on.class_head.weight.zero_()
+        on.class_head.bias.copy_(torch.arange(10.0) * 5)
+    h_a = on.init_state(features).h
+    with torch.no_grad():
+        on.class_head.bias.copy_(-torch.arange(10.0) * 5)  # different "classes in the photo"
+    assert not torch.allclose(h_a, on.init_state(features).h)  # h0 depends on the class probabilities
+
+    off = AttentionDecoder(tiny_config(30, feature_dim=16))
+    assert not hasattr(off, "class_head") and off.init_h.in_features == 16
+
+
+def test_flipped_view_swaps_left_and_right_in_its_captions(train_records):
+    from captioner.coco import CaptionDataset, ImageRecord, flip_caption
+    from captioner.vocab import Vocabulary
+
+    vocab = Vocabulary.build(["a man on the left of a dog", "right"], min_count=1)
+
+    assert flip_caption("A dog on the Left of a man, right?") == "A dog on the right of a man, left?"
+    assert flip_caption("leftover bright lights") == "leftover bright lights"  # whole words only
+
+    class Store:
+        def __init__(self, value):
+            self.value = value
+
+        def has(self, image_id):
+            return True
+
+        def get(self, image_id):
+            return torch.full((2, 3), self.value)
+
+    record = ImageRecord(1, train_records[0].path, ("a man on the left of a dog",))
+    dataset = CaptionDataset([record], Store(0.0), vocab, views=[("flip", Store(1.0))], seed=0)
+    seen = set()
+    for epoch in range(12):
+        dataset.set_epoch(epoch)
+        features, ids = dataset[0]
+        words = vocab.decode(ids)
+        if features[0, 0] == 1.0:  # the mirrored photo
+            assert words == "a man on the right of a dog"
+        else:
+            assert words == "a man on the left of a dog"
+        seen.add(float(features[0, 0]))
+    assert seen == {0.0, 1.0}  # both views are used across epochs
