@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import evaluate, train
+from . import evaluate, lm, train
 from .evaluate import add_decoding_arguments, decoding_options
 
 
@@ -71,6 +71,13 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=lambda args: (train.main(args), 0)[1])
 
 
+def _pretrain_lm_parser(sub) -> None:
+    p = sub.add_parser("pretrain-lm", parents=[lm.get_args_parser(add_help=False)],
+                       help="pretrain the decoder as a caption language model on text alone",
+                       description=lm.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=lambda args: (lm.main(args), 0)[1])
+
+
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", parents=[evaluate.get_args_parser(add_help=False)],
                        help="score a checkpoint with the COCO metrics", description=evaluate.__doc__,
@@ -102,13 +109,52 @@ def _run_visualize(args: argparse.Namespace) -> int:
     return visualize.run(args)
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the captioner over HTTP",
+                       description="Run the HTTP service: web page at /, API at POST /v1/captions, docs at /docs. "
+                       "Other settings come from CAPTIONER_* environment variables (see docs/service.md).")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: $CAPTIONER_CHECKPOINT or the shipped model")
+    p.add_argument("--device", default=None, help="default: $CAPTIONER_DEVICE or cpu")
+    p.add_argument("--max-batch", type=int, default=None, help="micro-batch size (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="how long a micro-batch waits to fill")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    from .api import default_checkpoint_path
+
+    given = {"checkpoint": args.checkpoint, "device": args.device, "max_batch": args.max_batch,
+             "max_wait_ms": args.max_wait_ms}
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        print(f"captioner: error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    checkpoint = settings.checkpoint or default_checkpoint_path()
+    if not checkpoint.is_file():  # fail here, with one line, rather than in the server's start-up traceback
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found: pass --checkpoint or set CAPTIONER_CHECKPOINT")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Show, Attend and Tell image captioning")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _caption_parser(sub)
     _evaluate_parser(sub)
+    _pretrain_lm_parser(sub)
     _visualize_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

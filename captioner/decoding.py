@@ -240,7 +240,7 @@ def beam_search(
         rows = torch.tensor(next_rows, device=device)
         tokens = torch.tensor(next_tokens, device=device)
         scores = torch.tensor(next_scores, device=device).view(b, k)
-        state = state.select(rows)
+        state = state.select(rows, same_image=True)  # rows i*K..i*K+K-1 only ever come from image i
         history = torch.cat([history.index_select(0, rows), tokens.unsqueeze(1)], dim=1)
         alpha_history = alpha_history.index_select(0, rows)
         beta_history = beta_history.index_select(0, rows)

@@ -70,6 +70,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, help="write predictions here in COCO results format")
     p.add_argument("--no-java", action="store_true", help="skip Java metrics: BLEU-4 and CIDEr-D only")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--trivial-baseline", type=Path, metavar="TRAIN_CAPTIONS",
+                   help="score no model: give every image the most frequent caption of this COCO captions file")
     add_decoding_arguments(p, num_captions=False)
     return p
 
@@ -118,14 +120,31 @@ def evaluate_captioner(
     return predictions, perplexity, errors
 
 
+def most_frequent_caption(captions_file: Path) -> str:
+    """The trivial baseline: the training caption (lower-cased, punctuation stripped) seen most often."""
+    from collections import Counter
+
+    from .coco import load_caption_texts
+    from .vocab import tokenize
+
+    counts = Counter(" ".join(tokenize(c)) for c in load_caption_texts(captions_file))
+    return min(counts, key=lambda c: (-counts[c], c))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    captioner = load_captioner(args.checkpoint, device=args.device)
     records = load_eval_records(args)
+    references = {r.image_id: list(r.captions) for r in records}
+    if args.trivial_baseline:
+        caption = most_frequent_caption(args.trivial_baseline)
+        scores = coco_scores({i: caption for i in references}, references)
+        result = {**scores, "images": len(references), "baseline_caption": caption}
+        print(json.dumps(result) if args.json else "\n".join(f"{k:>18}: {v}" for k, v in result.items()))
+        return result
+    captioner = load_captioner(args.checkpoint, device=args.device)
     options = decoding_options(args)
     predictions, perplexity, errors = evaluate_captioner(
         captioner, records, options, args.batch_size, args.num_workers, progress=not args.json
     )
-    references = {r.image_id: list(r.captions) for r in records}
     if args.no_java or not java_available():
         scores = fast_scores(predictions, references)
         scores["note"] = "Java not used: BLEU-4 and CIDEr-D on captioner's tokenizer only"

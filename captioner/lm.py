@@ -103,7 +103,10 @@ def lm_epoch(
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
+    from .train import _setup_logging
+
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(args.output_dir / "lm.log")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -57,8 +57,15 @@ class DecoderState:
     projected_features: torch.Tensor  # (B, L, A), W_a a_i computed once per image
     beta: torch.Tensor  # (B, 1), gate of the last step (for visualisation)
 
-    def select(self, index: torch.Tensor) -> DecoderState:
-        """Rows `index` (N,) of every tensor: reorders beams or repeats images for sampling."""
+    def select(self, index: torch.Tensor, same_image: bool = False) -> DecoderState:
+        """Rows `index` (N,) of every tensor: reorders beams or repeats images for sampling.
+
+        `same_image=True` promises that every row is replaced by a row of the same image (beam search
+        reordering within an image's block): the feature tensors, by far the largest, are then left as they
+        are instead of being copied at every step."""
+        if same_image:
+            return DecoderState(self.h.index_select(0, index), self.c.index_select(0, index), self.features,
+                                self.projected_features, self.beta.index_select(0, index))
         return DecoderState(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
 
 

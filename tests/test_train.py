@@ -100,3 +100,20 @@ def test_resume_refuses_a_different_encoder(tmp_path, coco_mini):
 
     with pytest.raises(CheckpointError, match="efficientnet-lite0"):
         train.main(_args(tmp_path, coco_mini, out, epochs=2, resume=True, encoder="efficientnet-lite2"))
+
+
+def test_fine_tuning_the_encoder_bypasses_the_cache_and_ships_its_weights(tmp_path, coco_mini):
+    from captioner.api import load_captioner
+
+    out = tmp_path / "tuned"
+    train.main(_args(tmp_path, coco_mini, out, epochs=1, fine_tune_blocks=1, encoder_lr=1e-2))
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.encoder_state is not None
+    torch.manual_seed(0)  # what train.main seeds before it builds the encoder
+    fresh = Encoder("efficientnet-lite0", pretrained=False, image_size=64).cnn.state_dict()
+    changed = [k for k, v in ckpt.encoder_state.items() if v.is_floating_point() and not torch.equal(v, fresh[k])]
+    assert changed and all(k.startswith(("net._conv_head", "net._bn1")) for k in changed)  # only the last block
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the validation cache only: training bypasses it
+    captioner = load_captioner(out / "last.pt", pretrained_encoder=False)
+    torch.testing.assert_close(captioner.encoder.cnn.state_dict()["net._conv_head.weight"],
+                               ckpt.encoder_state["net._conv_head.weight"])

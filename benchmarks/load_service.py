@@ -1,0 +1,201 @@
+"""Load test of the HTTP service: a real uvicorn on 127.0.0.1, with and without micro-batching.
+
+Two `uvicorn service.app:app` subprocesses, one with micro-batching (max_batch 16) and one with max_batch 1 (one
+request through the model at a time). At each concurrency level, a bounded number of caption requests (real
+photos, multipart uploads) goes to each in turn from that many concurrent clients; it prints requests/s,
+p50/p95 latency and the mean batch size the server formed.
+
+    python benchmarks/load_service.py --checkpoint data/captioner-default.pt
+    python benchmarks/load_service.py --checkpoint runs/mini/best.pt --concurrency 1 4 16 --requests 32
+    python benchmarks/load_service.py --untrained     # no checkpoint needed: default-size decoder, random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "coco-mini" / "val"
+
+
+@dataclass
+class Row:
+    mode: str
+    concurrency: int
+    requests: int
+    seconds: float
+    latencies: list[float]
+    mean_batch: float
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000.0
+
+
+def untrained_checkpoint(path: Path, captions: Path) -> Path:
+    """An untrained decoder of the default size on efficientnet-lite0 with the real vocabulary: the compute of a
+    real model (captions are gibberish and never end early, so every caption takes max_length steps)."""
+    import torch
+
+    from captioner.checkpoint import save_checkpoint
+    from captioner.coco import load_coco_captions
+    from captioner.encoder import DEFAULT_IMAGE_SIZE, Preprocessing, get_backbone
+    from captioner.model import AttentionDecoder, CaptionerConfig
+    from captioner.vocab import Vocabulary
+
+    records = load_coco_captions(captions, captions.parent)  # only the captions are read
+    vocab = Vocabulary.build((c for r in records for c in r.captions), min_count=5)
+    spec = get_backbone("efficientnet-lite0")
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(CaptionerConfig(vocab_size=len(vocab), feature_dim=spec.feature_dim))
+    save_checkpoint(path, decoder, vocab, spec.name, Preprocessing(DEFAULT_IMAGE_SIZE, spec.mean, spec.std))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, max_batch: int, port: int) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "CAPTIONER_CHECKPOINT": str(args.checkpoint),
+        "CAPTIONER_MAX_BATCH": str(max_batch),
+        "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms),
+        "CAPTIONER_METHOD": args.method,
+        "CAPTIONER_MAX_QUEUE": "1024",
+    }
+    if args.encoder_batch:
+        env["CAPTIONER_ENCODER_BATCH"] = str(args.encoder_batch)
+    if args.torch_threads:
+        env["CAPTIONER_TORCH_THREADS"] = str(args.torch_threads)
+    command = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "warning"]
+    process = subprocess.Popen(command, env=env, cwd=REPO)
+    deadline = time.monotonic() + 180
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with status {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise SystemExit("the server did not become ready in 180 s")
+        time.sleep(0.25)
+
+
+async def run_level(base_url: str, photos: list[tuple[str, bytes]], concurrency: int, total: int) -> Row:
+    latencies: list[float] = []
+    next_index = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal next_index
+        while next_index < total:
+            name, data = photos[next_index % len(photos)]
+            next_index += 1
+            started = time.perf_counter()
+            response = await http.post("/v1/captions", files={"image": (name, data, "image/jpeg")})
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code}: {response.text}")
+            latencies.append(time.perf_counter() - started)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
+        before = (await http.get("/v1/stats")).json()
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+        after = (await http.get("/v1/stats")).json()
+    batches = max(after["batches"] - before["batches"], 1)
+    mean_batch = (after["requests"] - before["requests"]) / batches
+    return Row("", concurrency, total, seconds, latencies, mean_batch)
+
+
+def benchmark(args: argparse.Namespace, photos: list[tuple[str, bytes]]) -> list[Row]:
+    """Both servers stay up and the modes alternate at every level, so a change in machine load between levels
+    (other processes on a shared box) hits both modes alike instead of biasing one."""
+    modes = [(f"micro-batching (max {args.batch_size})", args.batch_size), ("one at a time", 1)]
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for mode, max_batch in modes:
+            port = free_port()
+            servers[mode] = (start_server(args, max_batch, port), f"http://127.0.0.1:{port}")
+            asyncio.run(run_level(servers[mode][1], photos, 1, args.warmup))  # first calls pay lazy set-up
+        rows = []
+        for concurrency in args.concurrency:
+            for mode, _ in modes:
+                total = max(args.requests, 2 * concurrency)
+                row = asyncio.run(run_level(servers[mode][1], photos, concurrency, total))
+                row.mode = mode
+                print(format_row(row), flush=True)
+                rows.append(row)
+        return rows
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def format_row(row: Row) -> str:
+    return (f"| {row.mode:<23} | {row.concurrency:>11} | {row.requests:>8} | {row.throughput:>10.2f} | "
+            f"{row.percentile(50):>8.0f} | {row.percentile(95):>8.0f} | {row.mean_batch:>10.1f} |")
+
+
+HEADER = ("| mode                    | concurrency | requests | requests/s | p50 (ms) | p95 (ms) | mean batch |\n"
+          "|-------------------------|-------------|----------|------------|----------|----------|------------|")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path)
+    model.add_argument("--untrained", action="store_true", help="build an untrained default-size model to load")
+    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEG photos to upload")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=16, help="requests per level (at least 2 x concurrency)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16, help="max_batch of the micro-batching run")
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--method", default="greedy", choices=["greedy", "beam", "sample"])
+    p.add_argument("--encoder-batch", type=int, default=None, help="images per CNN pass (default: the server's)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per server (default: one a core)")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    photos = [(p.name, p.read_bytes()) for p in sorted(args.images.glob("*.jpg"))]
+    if not photos:
+        raise SystemExit(f"no .jpg photos in {args.images}")
+    with tempfile.TemporaryDirectory(prefix="captioner-bench-") as folder:
+        if args.untrained:
+            captions = args.images.parent / "annotations" / "captions_train.json"
+            args.checkpoint = untrained_checkpoint(Path(folder) / "untrained.pt", captions)
+        print(f"checkpoint {args.checkpoint}, {len(photos)} photos from {args.images}, method {args.method}, "
+              f"max_wait_ms {args.max_wait_ms}, encoder_batch {args.encoder_batch or 'default'}, "
+              f"torch_threads {args.torch_threads or 'default'}, {os.cpu_count()} CPU cores\n")
+        print(HEADER, flush=True)
+        benchmark(args, photos)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

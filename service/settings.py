@@ -1,0 +1,66 @@
+"""Service settings, read from `CAPTIONER_*` environment variables (or passed to `create_app`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from captioner.decoding import DecodingOptions
+
+
+class Settings(BaseSettings):
+    """Every field is also an environment variable: `max_batch` <- `CAPTIONER_MAX_BATCH`, and so on."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore")
+
+    # Model.
+    checkpoint: Path | None = None  # None: captioner.api.default_checkpoint_path() (the shipped model)
+    device: str = "cpu"
+    pretrained_encoder: bool = True  # False only for tests that build a backbone without its weights
+    torch_threads: int | None = Field(None, ge=1)  # None: torch's default (one per core)
+
+    # Input limits: refused before they cost memory or CPU.
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)  # whole request body, multipart framing included
+    max_pixels: int = Field(40_000_000, ge=1)  # width * height, checked from the header before decoding
+    upload_timeout_s: float = Field(30.0, gt=0)  # a client that trickles its body is cut off (408)
+
+    # Micro-batching: collect up to max_batch requests, waiting at most max_wait_ms after the first.
+    max_batch: int = Field(8, ge=1, le=256)  # 1: no batching, one request through the model at a time
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    max_queue: int = Field(256, ge=1)  # requests waiting for the model; beyond that: 503 + Retry-After
+    # Images per CNN pass within a batch. None: 1 on CPU (big CNN batches are slower per image there, see
+    # service/batching.py), the whole batch on other devices. The decoder always runs the whole batch.
+    encoder_batch: int | None = Field(None, ge=1, le=256)
+    request_timeout_s: float = Field(120.0, gt=0)  # waiting for the model longer than this: 503
+
+    # Decoding defaults, used for every parameter a request leaves out.
+    method: Literal["greedy", "sample", "beam"] = "beam"
+    beam_size: int = Field(3, ge=1, le=10)
+    max_length: int = Field(20, ge=1, le=50)
+    length_penalty: float = Field(0.0, ge=0, le=5)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=10)
+    temperature: float = Field(1.0, ge=0, le=5)
+    top_k: int = Field(0, ge=0, le=1000)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_captions: int = Field(1, ge=1, le=10)
+
+    def resolved_encoder_batch(self) -> int:
+        if self.encoder_batch is not None:
+            return self.encoder_batch
+        return 1 if self.device.split(":")[0] == "cpu" else self.max_batch
+
+    def default_decoding(self) -> DecodingOptions:
+        return DecodingOptions(
+            method=self.method,
+            max_length=self.max_length,
+            beam_size=self.beam_size,
+            length_penalty=self.length_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            num_captions=self.num_captions,
+        )

@@ -1,0 +1,259 @@
+"""The web page end to end: a real uvicorn server, Debian's headless Chromium driven over the DevTools protocol.
+
+The protocol client is a few lines of standard library (a WebSocket is a handshake plus small frames), so the
+test needs no browser-automation package and no browser download: only the `chromium` system package, which
+`.ci/run` installs. Set CAPTIONER_SCREENSHOT=path to keep the screenshot (docs/screenshot-service.png comes
+from `CAPTIONER_SCREENSHOT=docs/screenshot-service.png pytest -q tests/test_browser.py`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+PHOTO = "000000000790.jpg"  # coco-mini/val
+WINDOW = (1200, 900)
+
+
+@contextmanager
+def running_server(settings: Settings) -> Iterator[str]:
+    """A real uvicorn server in a background thread, on a free port of 127.0.0.1; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start (see the log above)")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A minimal Chrome DevTools Protocol client: one page target, JSON commands over a WebSocket (RFC 6455).
+
+
+class DevTools:
+    def __init__(self, ws_url: str, timeout: float = 60.0):
+        url = urllib.parse.urlparse(ws_url)
+        self._sock = socket.create_connection((url.hostname, url.port), timeout=timeout)
+        self._file = self._sock.makefile("rb")
+        key = base64.b64encode(os.urandom(16)).decode()
+        self._sock.sendall(
+            f"GET {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        status = self._file.readline()
+        if b" 101 " not in status:
+            raise ConnectionError(f"DevTools refused the WebSocket: {status!r}")
+        while self._file.readline() not in (b"\r\n", b""):  # rest of the handshake's headers
+            pass
+        self._next_id = 0
+
+    def call(self, method: str, **params: Any) -> dict:
+        self._next_id += 1
+        self._send(json.dumps({"id": self._next_id, "method": method, "params": params}).encode())
+        while True:  # events arrive in between; only our answer matters here
+            message = json.loads(self._receive())
+            if message.get("id") == self._next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := self.evaluate(expression)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still false after {timeout} s: {expression}")
+            time.sleep(0.1)
+        return value
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _send(self, payload: bytes, opcode: int = 0x1) -> None:
+        mask = os.urandom(4)  # clients must mask every frame
+        n = len(payload)
+        header = bytes([0x80 | opcode])
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 1 << 16:
+            header += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            header += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self._sock.sendall(header + mask + masked)
+
+    def _read(self, n: int) -> bytes:
+        data = self._file.read(n)
+        if len(data) != n:
+            raise ConnectionError("DevTools closed the connection")
+        return data
+
+    def _receive(self) -> str:
+        message = bytearray()
+        while True:
+            first, second = self._read(2)
+            n = second & 0x7F
+            if n == 126:
+                n = int.from_bytes(self._read(2), "big")
+            elif n == 127:
+                n = int.from_bytes(self._read(8), "big")
+            payload = self._read(n)  # server frames are never masked
+            opcode = first & 0x0F
+            if opcode == 0x8:
+                raise ConnectionError("DevTools closed the WebSocket")
+            if opcode == 0x9:
+                self._send(payload, opcode=0xA)  # ping -> pong
+                continue
+            if opcode == 0xA:
+                continue
+            message += payload
+            if first & 0x80:  # FIN: last fragment of the message
+                return message.decode()
+
+
+def find_chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.fail("headless Chromium is needed for the web-page test: `apt-get install chromium` (bash .ci/run does)")
+
+
+@contextmanager
+def chromium(profile: Path) -> Iterator[DevTools]:
+    """Headless Chromium with a throwaway profile, no network of its own; yields a DevTools client on its tab."""
+    command = [
+        find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+        "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-extensions", "--hide-scrollbars",
+        "--mute-audio", f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={profile}",
+        "--remote-debugging-port=0", "about:blank",
+    ]
+    log = (profile.parent / "chromium.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    page = None
+    try:
+        port_file = profile / "DevToolsActivePort"  # Chromium writes the port it picked here
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Chromium did not start: {(profile.parent / 'chromium.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
+            targets = json.load(answer)
+        page = DevTools(next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page"))
+        yield page
+    finally:
+        if page is not None:
+            page.close()
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+        log.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def center_of(page: DevTools, selector: str) -> tuple[float, float]:
+    box = page.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                        ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    return box[0], box[1]
+
+
+HEATMAP_INK = """(() => {
+  const c = document.querySelector('#heatmap');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let alpha = 0; for (let i = 3; i < d.length; i += 4) alpha += d[i];
+  return c.width > 0 ? alpha / (c.width * c.height) : 0;
+})()"""
+
+
+@pytest.mark.browser
+def test_web_page_captions_an_uploaded_coco_photo(coco_mini, lite0_checkpoint, tmp_path):
+    photo = coco_mini / "val" / PHOTO
+    settings = Settings(checkpoint=lite0_checkpoint, max_length=12)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    with running_server(settings) as base_url, chromium(profile) as page:
+        page.call("Page.enable")
+        page.call("Page.navigate", url=f"{base_url}/")
+        page.wait_for("document.readyState === 'complete' && "
+                      "document.querySelector('#model-info').textContent.startsWith('model ')")
+        assert "lite0-untrained" in page.evaluate("document.querySelector('#model-info').textContent")
+
+        # Choose the file as the file picker would: the page's own change handler uploads it.
+        node = page.call("Runtime.evaluate", expression="document.querySelector('#file-input')")["result"]
+        page.call("DOM.setFileInputFiles", files=[str(photo)], objectId=node["objectId"])
+        state = page.wait_for("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state",
+                              timeout=120)
+        assert state == "done", page.evaluate("document.querySelector('#status').textContent")
+
+        caption = page.evaluate("document.querySelector('#caption').textContent")
+        words = page.evaluate("[...document.querySelectorAll('#words .word')].map(w => w.textContent)")
+        candidates = page.evaluate("[...document.querySelectorAll('#candidates li')].map(li => li.textContent)")
+        assert caption.strip(), "no caption shown"
+        assert words[-1] == "<end>" and " ".join(words[:-1]) == caption
+        assert len(candidates) == 3 and all("log p" in c for c in candidates)
+        assert page.evaluate("document.querySelector('#photo').naturalWidth") == 640
+        assert page.evaluate(HEATMAP_INK) > 10, "no attention heat map drawn over the photo"
+        assert page.evaluate("document.querySelector('#words .word.active').textContent") == words[0]
+
+        # Hover the second word (a real mouse move), then step on with the right-arrow key.
+        x, y = center_of(page, "#words .word:nth-child(2)")
+        page.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        page.wait_for("document.querySelector('#words .word.active') === "
+                      "document.querySelector('#words .word:nth-child(2)')", timeout=5)
+        for kind in ("keyDown", "keyUp"):
+            page.call("Input.dispatchKeyEvent", type=kind, key="ArrowRight", code="ArrowRight",
+                      windowsVirtualKeyCode=39)
+        page.wait_for("document.querySelector('#word-info').textContent.startsWith('3/')", timeout=5)
+        assert page.evaluate(HEATMAP_INK) > 10
+
+        # Back to the first word for the picture, then keep it.
+        x, y = center_of(page, "#words .word:nth-child(1)")
+        page.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        size = page.call("Page.getLayoutMetrics")["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        shot = page.call("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)
+        shot = base64.b64decode(shot["data"])
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 50_000
+    (tmp_path / "service.png").write_bytes(shot)
+    if target := os.environ.get("CAPTIONER_SCREENSHOT"):
+        Path(target).write_bytes(shot)
