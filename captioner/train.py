@@ -96,7 +96,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=20)
     opt.add_argument("--batch-size", type=int, default=32, help="global batch, split over the processes")
-    opt.add_argument("--lr", type=float, default=4e-4)
+    opt.add_argument("--lr", type=float, default=1e-3)
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--grad-clip", type=float, default=5.0, help="max global L2 norm of the gradients")
     opt.add_argument("--attention-reg", type=float, default=1.0, help="lambda of the doubly stochastic term")
@@ -392,6 +392,8 @@ def _build_decoder(args, vocab: Vocabulary, encoder: Encoder, resume, init) -> A
         decoder = start.decoder
         if start.encoder_state is not None:
             encoder.cnn.load_state_dict(start.encoder_state)
+        if resume is None and args.semantic and not decoder.config.semantic_classes:
+            decoder = _with_semantic_input(decoder, encoder.classifier.out_features)
     else:
         decoder = AttentionDecoder(CaptionerConfig(
             vocab_size=len(vocab),
@@ -408,6 +410,18 @@ def _build_decoder(args, vocab: Vocabulary, encoder: Encoder, resume, init) -> A
         # The frozen class head is a copy of this backbone's classifier (an LM checkpoint only has a placeholder).
         decoder.class_head.load_state_dict(encoder.classifier.state_dict())
     return decoder
+
+
+def _with_semantic_input(decoder: AttentionDecoder, classes: int) -> AttentionDecoder:
+    """`--init-from` a checkpoint without the class-probability input (e.g. a caption LM) plus `--semantic`:
+    a decoder with the input added, every weight whose shape still fits copied over (h0/c0 start fresh)."""
+    config = CaptionerConfig.from_json({**decoder.config.to_json(), "semantic_classes": classes})
+    widened = AttentionDecoder(config)
+    target = widened.state_dict()
+    fits = {k: v for k, v in decoder.state_dict().items() if k in target and target[k].shape == v.shape}
+    widened.load_state_dict(fits, strict=False)
+    log.info("--semantic on top of --init-from: %s start fresh", sorted(set(target) - set(fits)))
+    return widened
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -89,3 +89,13 @@ def test_flipped_view_swaps_left_and_right_in_its_captions(train_records):
             assert words == "a man on the left of a dog"
         seen.add(float(features[0, 0]))
     assert seen == {0.0, 1.0}  # both views are used across epochs
+
+
+def test_semantic_input_can_be_added_on_top_of_a_language_model():
+    from captioner.train import _with_semantic_input
+
+    lm_decoder = AttentionDecoder(tiny_config(30, feature_dim=16))
+    widened = _with_semantic_input(lm_decoder, classes=10)
+    assert widened.config.semantic_classes == 10 and widened.init_h.in_features == 26
+    torch.testing.assert_close(widened.embedding.weight, lm_decoder.embedding.weight)
+    torch.testing.assert_close(widened.cells[0].weight_hh, lm_decoder.cells[0].weight_hh)
