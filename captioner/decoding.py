@@ -19,6 +19,7 @@ from .model import AttentionDecoder, DecoderState
 from .vocab import Vocabulary
 
 Method = Literal["greedy", "sample", "beam"]
+END_ID = Vocabulary.end_id
 
 
 @dataclass
@@ -27,7 +28,7 @@ class DecodingOptions:
     max_length: int = 20  # most words in a caption (END not counted)
     beam_size: int = 3  # K
     length_penalty: float = 0.0  # beam score = log p / len**length_penalty (0: plain log p)
-    no_repeat_ngram_size: int = 0  # >0: beam search never repeats an n-gram of this size
+    no_repeat_ngram_size: int = 0  # >0: no method repeats a word n-gram of this size
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1: no nucleus filter
@@ -88,7 +89,7 @@ def generate(
             def choose(logits: torch.Tensor) -> torch.Tensor:
                 return logits.argmax(dim=-1)
 
-        flat = _decode_stepwise(decoder, features, vocab, options.max_length, choose)
+        flat = _decode_stepwise(decoder, features, vocab, options.max_length, choose, options.no_repeat_ngram_size)
         per_image = [flat[i : i + repeats] for i in range(0, len(flat), repeats)]
         return [sorted(hyps, key=lambda h: h.log_prob, reverse=True) for hyps in per_image]
 
@@ -125,7 +126,7 @@ def sample_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _decode_stepwise(decoder, features, vocab, max_length, choose) -> list[Hypothesis]:
+def _decode_stepwise(decoder, features, vocab, max_length, choose, no_repeat_ngram_size=0) -> list[Hypothesis]:
     """One token per step for every row (greedy and sampling). features (N, L, D) -> N hypotheses."""
     n = features.size(0)
     state: DecoderState = decoder.init_state(features)
@@ -135,6 +136,8 @@ def _decode_stepwise(decoder, features, vocab, max_length, choose) -> list[Hypot
     for t in range(max_length + 1):
         logits, alpha, state = decoder.step(state, tokens)
         logits = allowed_logits(logits, vocab, t, max_length)
+        if no_repeat_ngram_size > 0 and steps_tokens:
+            ban_repeated_ngrams(logits, torch.stack(steps_tokens, 1).tolist(), no_repeat_ngram_size)
         chosen = choose(logits)  # (N,)
         logp = F.log_softmax(logits, dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1)  # (N,)
         chosen = chosen.masked_fill(done, vocab.pad_id)
@@ -164,6 +167,17 @@ def _decode_stepwise(decoder, features, vocab, max_length, choose) -> list[Hypot
             )
         )
     return hyps
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, histories: list[list[int]], n: int) -> None:
+    """In place: -inf for every token that would repeat an n-gram of its row's history. scores (N, V).
+    (END is never banned: blocking must not be able to stop a caption from ending.)"""
+    for row, past in enumerate(histories):
+        banned = _banned_ngram_tokens(past, n)
+        if banned:
+            end = scores[row, END_ID].clone()
+            scores[row, list(banned)] = float("-inf")
+            scores[row, END_ID] = end
 
 
 def _banned_ngram_tokens(history: list[int], n: int) -> set[int]:
@@ -205,10 +219,7 @@ def beam_search(
         logits, alpha, state = decoder.step(state, tokens)
         logp = F.log_softmax(allowed_logits(logits, vocab, t, options.max_length), dim=-1)  # (B*K, V)
         if options.no_repeat_ngram_size > 0:
-            for row, past in enumerate(history.tolist()):
-                banned = _banned_ngram_tokens(past, options.no_repeat_ngram_size)
-                if banned:
-                    logp[row, list(banned)] = float("-inf")
+            ban_repeated_ngrams(logp, history.tolist(), options.no_repeat_ngram_size)
         vocab_size = logp.size(1)
         candidates = (scores.view(-1, 1) + logp).view(b, k * vocab_size)  # (B, K*V)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab_size), dim=1)  # (B, 2K)

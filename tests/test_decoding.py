@@ -146,12 +146,17 @@ def test_no_repeat_ngram_blocks_repeats(vocab, features):
         decoder.out_vocab.bias[4] = 50.0  # the model loves one word: "a a a a ..."
     plain = generate(decoder, features, vocab, DecodingOptions(method="beam", beam_size=2, max_length=10))
     assert plain[0][0].tokens.count(4) > 2
-    blocked = generate(decoder, features, vocab, DecodingOptions(method="beam", beam_size=2, max_length=10,
-                                                                 no_repeat_ngram_size=2))
-    for hyps in blocked:
-        words = hyps[0].tokens[:-1]
-        bigrams = list(zip(words, words[1:], strict=False))
-        assert len(bigrams) == len(set(bigrams))
+    for options in (
+        DecodingOptions(method="beam", beam_size=2, max_length=10, no_repeat_ngram_size=2),
+        DecodingOptions(method="greedy", max_length=10, no_repeat_ngram_size=2),
+        DecodingOptions(method="sample", max_length=10, no_repeat_ngram_size=2, num_captions=3, seed=0),
+    ):
+        for hyps in generate(decoder, features, vocab, options):
+            for h in hyps:
+                words = h.tokens[:-1]
+                bigrams = list(zip(words, words[1:], strict=False))
+                assert len(bigrams) == len(set(bigrams)), options.method
+                assert len(words) == 10 and h.tokens[-1] == vocab.end_id  # blocking never stops END
 
 
 def test_banned_ngram_tokens():
