@@ -78,6 +78,25 @@ def _pretrain_lm_parser(sub) -> None:
     p.set_defaults(func=lambda args: (lm.main(args), 0)[1])
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a slim checkpoint for shipping (no optimizer state, optional fp16)",
+                       description="Copy a checkpoint without its training state, optionally in fp16.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--half", action="store_true", help="store float weights as fp16 (they load back as fp32)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    save_checkpoint(args.output, ckpt.decoder, ckpt.vocab, ckpt.encoder_name, ckpt.preprocessing,
+                    encoder_state=ckpt.encoder_state, metrics=ckpt.metrics, half=args.half)
+    print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", parents=[evaluate.get_args_parser(add_help=False)],
                        help="score a checkpoint with the COCO metrics", description=evaluate.__doc__,
@@ -153,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _caption_parser(sub)
     _evaluate_parser(sub)
     _pretrain_lm_parser(sub)
+    _export_parser(sub)
     _visualize_parser(sub)
     _serve_parser(sub)
     return parser

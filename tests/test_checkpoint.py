@@ -91,3 +91,17 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_torch_save({"v": Unpicklable()}, path)
     assert torch.load(path, weights_only=True)["v"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
+
+
+def test_export_drops_training_state_and_halves_weights(tmp_path, vocab):
+    from captioner.cli import main
+
+    decoder = _decoder(vocab)
+    full = tmp_path / "last.pt"
+    save_checkpoint(full, decoder, vocab, "efficientnet-lite0", PRE, training={"epoch": 3, "optimizer": {}})
+    slim = tmp_path / "slim.pt"
+    assert main(["export", str(full), "-o", str(slim), "--half"]) == 0
+    payload = torch.load(slim, weights_only=True)
+    assert "training" not in payload and payload["model_state"]["embedding.weight"].dtype == torch.float16
+    torch.testing.assert_close(load_checkpoint(slim).decoder.embedding.weight, decoder.embedding.weight,
+                               atol=1e-3, rtol=1e-3)
