@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_digest, load_checkpoint
-from .decoding import DecodingOptions, Hypothesis, generate
+from .decoding import RECOMMENDED, DecodingOptions, Hypothesis, generate
 from .encoder import Encoder, prepare_cpu_inference
 from .images import DEFAULT_MAX_PIXELS, open_image
 
@@ -69,9 +69,13 @@ class Captioner:
         options: DecodingOptions | None = None,
         **decoding,
     ) -> list[CaptionResult]:
-        """Caption images (PIL images or paths). Decoding keywords as in DecodingOptions (method=...)."""
+        """Caption images (PIL images or paths). Decoding keywords as in DecodingOptions (method=...), on top of
+        the recommended settings (`decoding.RECOMMENDED`); pass `options` to control every field."""
         if options is None:
-            options = DecodingOptions(**decoding)
+            settings = {**RECOMMENDED, **decoding}
+            if "beam_size" not in decoding:  # asking for more captions than the default beam holds widens it
+                settings["beam_size"] = max(settings["beam_size"], settings.get("num_captions", 1))
+            options = DecodingOptions(**settings)
         elif decoding:
             raise TypeError("pass either options or decoding keywords, not both")
         pil = [im if isinstance(im, Image.Image) else open_image(im, DEFAULT_MAX_PIXELS) for im in images]

@@ -54,6 +54,13 @@ class DecodingOptions:
             raise ValueError("beam search returns at most beam_size captions: raise beam_size or lower num_captions")
 
 
+# What users get when they ask for nothing in particular (CLI, service, `Captioner.caption`), chosen on coco-mini
+# val with the shipped model (docs/training-log.md): beam search of width 2, mild length normalisation, and no
+# repeated word pair (small models otherwise say "large large large"). DecodingOptions() itself stays plain
+# greedy decoding, the reference the invariants are stated against.
+RECOMMENDED = {"method": "beam", "beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2}
+
+
 @dataclass
 class Hypothesis:
     tokens: list[int]  # generated ids: START excluded, END included

@@ -19,18 +19,20 @@ from tqdm import tqdm
 
 from .api import Captioner, load_captioner
 from .coco import ImageRecord, load_coco_captions, load_karpathy_split
-from .decoding import DecodingOptions
+from .decoding import RECOMMENDED, DecodingOptions
 from .features import ImageFileDataset
 from .metrics import coco_scores, fast_scores, java_available
 
 
 def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True) -> None:
     """Decoding flags shared by caption, evaluate and visualize."""
-    g = p.add_argument_group("decoding")
-    g.add_argument("--method", choices=["greedy", "sample", "beam"], default="greedy")
-    g.add_argument("--beam-size", type=int, default=3)
-    g.add_argument("--length-penalty", type=float, default=0.0)
-    g.add_argument("--no-repeat-ngram", type=int, default=0, dest="no_repeat_ngram_size")
+    g = p.add_argument_group("decoding (defaults chosen on val: beam 2, length penalty 0.5, no repeated bigram)")
+    g.add_argument("--method", choices=["greedy", "sample", "beam"], default=RECOMMENDED["method"])
+    g.add_argument("--beam-size", type=int, default=RECOMMENDED["beam_size"],
+                   help="raised to --num-captions when smaller")
+    g.add_argument("--length-penalty", type=float, default=RECOMMENDED["length_penalty"])
+    g.add_argument("--no-repeat-ngram", type=int, default=RECOMMENDED["no_repeat_ngram_size"],
+                   dest="no_repeat_ngram_size", help="0 allows repeats")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -41,16 +43,17 @@ def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True
 
 
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:
+    num_captions = getattr(args, "num_captions", 1)
     return DecodingOptions(
         method=args.method,
         max_length=args.max_length,
-        beam_size=args.beam_size,
+        beam_size=max(args.beam_size, num_captions) if args.method == "beam" else args.beam_size,
         length_penalty=args.length_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        num_captions=getattr(args, "num_captions", 1),
+        num_captions=num_captions,
         seed=args.seed,
     )
 

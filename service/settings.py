@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from captioner.decoding import DecodingOptions
+from captioner.decoding import RECOMMENDED, DecodingOptions
 
 
 class Settings(BaseSettings):
@@ -36,12 +36,12 @@ class Settings(BaseSettings):
     encoder_batch: int | None = Field(None, ge=1, le=256)
     request_timeout_s: float = Field(120.0, gt=0)  # waiting for the model longer than this: 503
 
-    # Decoding defaults, used for every parameter a request leaves out.
-    method: Literal["greedy", "sample", "beam"] = "beam"
-    beam_size: int = Field(3, ge=1, le=10)
+    # Decoding defaults, used for every parameter a request leaves out: captioner's recommended ones, chosen on val.
+    method: Literal["greedy", "sample", "beam"] = RECOMMENDED["method"]
+    beam_size: int = Field(RECOMMENDED["beam_size"], ge=1, le=10)
     max_length: int = Field(20, ge=1, le=50)
-    length_penalty: float = Field(0.0, ge=0, le=5)
-    no_repeat_ngram_size: int = Field(0, ge=0, le=10)
+    length_penalty: float = Field(RECOMMENDED["length_penalty"], ge=0, le=5)
+    no_repeat_ngram_size: int = Field(RECOMMENDED["no_repeat_ngram_size"], ge=0, le=10)
     temperature: float = Field(1.0, ge=0, le=5)
     top_k: int = Field(0, ge=0, le=1000)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -57,6 +57,14 @@ def tiny_decoder(vocab) -> AttentionDecoder:
 
 
 @pytest.fixture(scope="session")
+def shipped_checkpoint() -> Path:
+    """The trained model the repository ships (what a new user gets without --checkpoint)."""
+    path = REPO / "data" / "captioner-default.pt"
+    assert path.is_file(), f"the shipped model {path} is missing"
+    return path
+
+
+@pytest.fixture(scope="session")
 def lite0_checkpoint(tmp_path_factory, vocab) -> Path:
     """An untrained decoder on the efficientnet-lite0 backbone with the real vocabulary: loads through the
     same path as a trained one (real encoder weights), captions are gibberish but well-formed."""

@@ -206,9 +206,9 @@ HEATMAP_INK = """(() => {
 
 
 @pytest.mark.browser
-def test_web_page_captions_an_uploaded_coco_photo(coco_mini, lite0_checkpoint, tmp_path):
+def test_web_page_captions_an_uploaded_coco_photo(coco_mini, shipped_checkpoint, tmp_path):
     photo = coco_mini / "val" / PHOTO
-    settings = Settings(checkpoint=lite0_checkpoint, max_length=12)
+    settings = Settings(checkpoint=shipped_checkpoint, max_length=12)
     profile = tmp_path / "profile"
     profile.mkdir()
     with running_server(settings) as base_url, chromium(profile) as page:
@@ -216,7 +216,7 @@ def test_web_page_captions_an_uploaded_coco_photo(coco_mini, lite0_checkpoint, t
         page.call("Page.navigate", url=f"{base_url}/")
         page.wait_for("document.readyState === 'complete' && "
                       "document.querySelector('#model-info').textContent.startsWith('model ')")
-        assert "lite0-untrained" in page.evaluate("document.querySelector('#model-info').textContent")
+        assert "captioner-default" in page.evaluate("document.querySelector('#model-info').textContent")
 
         # Choose the file as the file picker would: the page's own change handler uploads it.
         node = page.call("Runtime.evaluate", expression="document.querySelector('#file-input')")["result"]

@@ -25,6 +25,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from captioner.decoding import RECOMMENDED
 from service.app import create_app
 from service.batching import MicroBatcher, NotRunning
 from service.settings import Settings
@@ -134,7 +135,8 @@ def test_caption_multipart_with_defaults(client, photo):
     assert isinstance(body["caption"], str) and body["caption"]
     assert body["candidates"][0]["caption"] == body["caption"]
     assert isinstance(body["candidates"][0]["log_prob"], float)
-    assert body["decoding"]["method"] == "beam" and body["decoding"]["beam_size"] == 3
+    for key, value in RECOMMENDED.items():  # the server's defaults are captioner's recommended decoding
+        assert body["decoding"][key] == value, key
     assert body["decoding"]["max_length"] == 12 and body["decoding"]["seed"] is None
     assert body["model"]["name"] == "lite0-untrained" and len(body["model"]["version"]) >= 8
     assert set(body["timing_ms"]) == {"read", "decode_image", "queue", "inference", "total"}
