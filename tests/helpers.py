@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
 
 
 def write_coco_subset(coco_mini: Path, split: str, n_images: int, out_dir: Path, corrupt: int = 0) -> tuple[Path, Path]:
@@ -25,3 +35,24 @@ def write_coco_subset(coco_mini: Path, split: str, n_images: int, out_dir: Path,
     captions = out_dir / f"captions_{split}.json"
     captions.write_text(json.dumps(subset))
     return images_dir, captions
+
+
+@contextmanager
+def running_server(settings: Settings) -> Iterator[str]:
+    """A real uvicorn server in a background thread, on a free port of 127.0.0.1; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start (see the log above)")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -14,7 +14,6 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -24,34 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from service.app import create_app
 from service.settings import Settings
+from tests.helpers import running_server
 
 PHOTO = "000000000790.jpg"  # coco-mini/val
 WINDOW = (1200, 900)
 
 
-@contextmanager
-def running_server(settings: Settings) -> Iterator[str]:
-    """A real uvicorn server in a background thread, on a free port of 127.0.0.1; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start (see the log above)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,49 +11,27 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from captioner.decoding import RECOMMENDED
-from service.app import create_app
 from service.batching import MicroBatcher, NotRunning
 from service.settings import Settings
+from tests.helpers import running_server
 
 PHOTO = "000000000790.jpg"  # coco-mini/val
 MAX_UPLOAD = 2 * 1024 * 1024
 MAX_PIXELS = 4_000_000  # COCO photos are ~0.3 MP; the crafted bombs claim far more
 
 
-@contextmanager
-def running_server(settings: Settings) -> Iterator[str]:
-    """A real uvicorn server in a background thread, on a free port of 127.0.0.1; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start (see the log above)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
