@@ -61,7 +61,7 @@ class Captioner:
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> features (B, L, D)."""
         batch = torch.stack([self.preprocessing(im) for im in images]).to(self.device)
-        return self.encoder(batch)
+        return self.encoder.encode(batch)
 
     def caption(
         self,

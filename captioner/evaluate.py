@@ -112,7 +112,7 @@ def evaluate_captioner(
         good = [(records[i], x) for i, x, _ in batch if x is not None]
         if not good:
             continue
-        features = captioner.encoder(torch.stack([x for _, x in good]).to(captioner.device))  # (B, L, D)
+        features = captioner.encoder.encode(torch.stack([x for _, x in good]).to(captioner.device))  # (B, L, D)
         for (record, _), result in zip(good, captioner.caption_features(features, options), strict=True):
             predictions[record.image_id] = result.caption
         ce, tokens = reference_cross_entropy(captioner.decoder, features, [r.captions for r, _ in good],

@@ -167,7 +167,7 @@ def build_feature_store(
                         log.warning("skipping unreadable image: %s", error)
                         status[i] = FAILED
                 if good:
-                    grids = encoder(torch.stack([x for _, x in good]).to(device))  # (b, L, D)
+                    grids = encoder.encode(torch.stack([x for _, x in good]).to(device))  # (b, L, D)
                     rows = [i for i, _ in good]
                     features[rows] = grids.cpu().numpy().astype(np.float16)
                     status[rows] = DONE
