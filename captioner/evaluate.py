@@ -43,6 +43,14 @@ def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True
 
 
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:
+    """The decoding flags as options; an impossible combination exits with the reason (no traceback)."""
+    try:
+        return _decoding_options(args)
+    except ValueError as exc:
+        raise SystemExit(f"captioner: error: {exc}") from None
+
+
+def _decoding_options(args: argparse.Namespace) -> DecodingOptions:
     num_captions = getattr(args, "num_captions", 1)
     return DecodingOptions(
         method=args.method,

@@ -67,3 +67,8 @@ def test_evaluate_limit_and_no_java(lite0_checkpoint, coco_mini, capsys):
           "--split", "val", "--limit", "2", "--no-java", "--json"])
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["images"] == 2 and {"BLEU-4", "CIDEr", "perplexity"} <= set(metrics)
+
+
+def test_impossible_decoding_flags_exit_with_the_reason(coco_mini, capsys):
+    with pytest.raises(SystemExit, match="top_p must be in"):
+        main(["caption", str(coco_mini / "val" / "000000024585.jpg"), "--top-p", "0"])
