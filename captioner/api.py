@@ -72,10 +72,7 @@ class Captioner:
         """Caption images (PIL images or paths). Decoding keywords as in DecodingOptions (method=...), on top of
         the recommended settings (`decoding.RECOMMENDED`); pass `options` to control every field."""
         if options is None:
-            settings = {**RECOMMENDED, **decoding}
-            if "beam_size" not in decoding:  # asking for more captions than the default beam holds widens it
-                settings["beam_size"] = max(settings["beam_size"], settings.get("num_captions", 1))
-            options = DecodingOptions(**settings)
+            options = DecodingOptions(**RECOMMENDED).updated(**decoding)
         elif decoding:
             raise TypeError("pass either options or decoding keywords, not both")
         pil = [im if isinstance(im, Image.Image) else open_image(im, DEFAULT_MAX_PIXELS) for im in images]

@@ -9,7 +9,7 @@ Written once and shared by the CLI, the HTTP service, evaluation and visualisati
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -52,6 +52,14 @@ class DecodingOptions:
             raise ValueError("num_captions must be at least 1")
         if self.method == "beam" and self.num_captions > self.beam_size:
             raise ValueError("beam search returns at most beam_size captions: raise beam_size or lower num_captions")
+
+    def updated(self, **given) -> DecodingOptions:
+        """These options with the `given` fields replaced. Asking beam search for more captions than the beam
+        holds widens the beam, unless beam_size is among `given`: then the mismatch is the caller's error."""
+        merged = {**{f.name: getattr(self, f.name) for f in fields(self)}, **given}
+        if merged["method"] == "beam" and "beam_size" not in given:
+            merged["beam_size"] = max(merged["beam_size"], merged["num_captions"])
+        return DecodingOptions(**merged)
 
 
 # What users get when they ask for nothing in particular (CLI, service, `Captioner.caption`), chosen on coco-mini

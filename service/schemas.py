@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,13 +35,9 @@ class CaptionParams(BaseModel):
     def decoding(self, defaults: DecodingOptions) -> DecodingOptions:
         """The options actually used: these parameters over the server defaults. Raises ValueError (-> 422) for
         combinations DecodingOptions refuses."""
-        given = self.model_dump(exclude_none=True, exclude={"attention"})
-        options = replace(defaults, **given)
-        # Asking beam search for more captions than the default beam holds widens the beam rather than failing;
-        # an explicit beam_size that is too small is still an error the client should see.
-        if options.method == "beam" and "beam_size" not in given and options.num_captions > options.beam_size:
-            options = replace(options, beam_size=options.num_captions)
-        return options
+        # More captions than the default beam holds widens the beam; an explicit beam_size that is too small is
+        # still an error the client should see (DecodingOptions.updated).
+        return defaults.updated(**self.model_dump(exclude_none=True, exclude={"attention"}))
 
 
 # --------------------------------------------------------------------------------------------------------------

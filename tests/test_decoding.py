@@ -172,3 +172,11 @@ def test_options_validate():
         DecodingOptions(top_p=0)
     with pytest.raises(ValueError):
         DecodingOptions(method="beam", beam_size=2, num_captions=3)
+
+
+def test_updated_widens_the_beam_only_when_beam_size_is_not_given():
+    base = DecodingOptions(method="beam", beam_size=2)
+    assert base.updated(num_captions=4).beam_size == 4
+    assert base.updated(temperature=0.5) == DecodingOptions(method="beam", beam_size=2, temperature=0.5)
+    with pytest.raises(ValueError, match="at most beam_size"):
+        base.updated(beam_size=2, num_captions=4)

@@ -140,6 +140,13 @@ def test_form_fields_choose_the_n_best_list(client, photo):
     assert log_probs == sorted(log_probs, reverse=True)
 
 
+def test_more_captions_than_the_default_beam_widens_it(client, photo):
+    response = post_image(client, photo, params={"num_captions": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["candidates"]) == 3 and body["decoding"]["beam_size"] == 3
+
+
 def test_attention_maps_for_every_word(client, photo):
     response = post_image(client, photo, params={"attention": "true", "method": "greedy"})
     assert response.status_code == 200, response.text
