@@ -97,6 +97,26 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _average_parser(sub) -> None:
+    p = sub.add_parser("average", help="average the weights of several checkpoints of one model",
+                       description="Checkpoint averaging: write one checkpoint whose weights are the mean of the "
+                                   "given ones (same model config, vocabulary and encoder, e.g. a run's "
+                                   "top-epochs/*.pt).")
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.set_defaults(func=_run_average)
+
+
+def _run_average(args: argparse.Namespace) -> int:
+    from .checkpoint import average_checkpoints, save_checkpoint
+
+    avg = average_checkpoints(args.checkpoints)
+    save_checkpoint(args.output, avg.decoder, avg.vocab, avg.encoder_name, avg.preprocessing,
+                    encoder_state=avg.encoder_state, metrics=avg.metrics)
+    print(f"{args.output}: mean of {len(args.checkpoints)} checkpoints")
+    return 0
+
+
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", parents=[evaluate.get_args_parser(add_help=False)],
                        help="score a checkpoint with the COCO metrics", description=evaluate.__doc__,
@@ -173,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     _pretrain_lm_parser(sub)
     _export_parser(sub)
+    _average_parser(sub)
     _visualize_parser(sub)
     _serve_parser(sub)
     return parser

@@ -1,4 +1,5 @@
-"""Show, Attend and Tell: an LSTM decoder with soft attention over a grid of CNN features.
+"""Show, Attend and Tell: an LSTM (or GRU) decoder with soft or stochastic hard attention over a grid of CNN
+features.
 
 Shape legend (used in every comment of the project):
     B batch, L feature locations (H' x W'), D feature dim, E embedding dim, H hidden dim, A attention dim,
@@ -9,6 +10,13 @@ beam search all share:
 
     state = decoder.init_state(features)                # features (B, L, D)
     logits, alpha, state = decoder.step(state, tokens)  # tokens (B,) -> logits (B, V), alpha (B, L)
+
+Attention (`CaptionerConfig.attention`):
+- "soft" (section 4.2): the context is the alpha-weighted mean of the L feature vectors.
+- "hard" (section 4.1): in training, one location s_t ~ Multinoulli(alpha_t) is the context (with probability
+  0.5 the expected context is used instead, as in the paper); `hard_attention_loss` adds the REINFORCE and
+  entropy terms that train alpha. At inference (eval mode) the context is the argmax location, so greedy
+  decoding is deterministic. `step` returns the distribution alpha either way: its peak is the location used.
 """
 
 from __future__ import annotations
@@ -33,6 +41,14 @@ class CaptionerConfig:
     # >0: the backbone's own ImageNet classifier (a frozen copy, C classes) turns the mean feature into class
     # probabilities that feed h0/c0 beside it: a free, offline "what is in the photo" signal for small data.
     semantic_classes: int = 0
+    cell: str = "lstm"  # "lstm" or "gru" (a GRU has no memory cell: DecoderState.c stays zeros)
+    attention: str = "soft"  # "soft" (deterministic, section 4.2) or "hard" (stochastic, section 4.1)
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("lstm", "gru"):
+            raise ValueError(f"cell must be 'lstm' or 'gru', not {self.cell!r}")
+        if self.attention not in ("soft", "hard"):
+            raise ValueError(f"attention must be 'soft' or 'hard', not {self.attention!r}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -52,10 +68,11 @@ class DecoderState:
     or repeat hypotheses with `select` without knowing what is inside."""
 
     h: torch.Tensor  # (B, num_layers, H)
-    c: torch.Tensor  # (B, num_layers, H)
+    c: torch.Tensor  # (B, num_layers, H); zeros for a GRU
     features: torch.Tensor  # (B, L, D)
     projected_features: torch.Tensor  # (B, L, A), W_a a_i computed once per image
     beta: torch.Tensor  # (B, 1), gate of the last step (for visualisation)
+    location: torch.Tensor  # (B,) long: hard attention's location at the last step; -1: the expected context
 
     def select(self, index: torch.Tensor, same_image: bool = False) -> DecoderState:
         """Rows `index` (N,) of every tensor: reorders beams or repeats images for sampling.
@@ -65,7 +82,8 @@ class DecoderState:
         are instead of being copied at every step."""
         if same_image:
             return DecoderState(self.h.index_select(0, index), self.c.index_select(0, index), self.features,
-                                self.projected_features, self.beta.index_select(0, index))
+                                self.projected_features, self.beta.index_select(0, index),
+                                self.location.index_select(0, index))
         return DecoderState(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
 
 
@@ -89,8 +107,29 @@ class SoftAttention(nn.Module):
         return context, alpha
 
 
+def hard_context(
+    features: torch.Tensor, alpha: torch.Tensor, expected_context: torch.Tensor, sample: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stochastic hard attention's context: one feature vector a_s instead of the mean.
+
+    features (B, L, D), alpha (B, L), expected_context (B, D) -> context (B, D), location (B,).
+    sample=True (training): s ~ Multinoulli(alpha), except that with probability 0.5 a row keeps the expected
+    context (location -1), the paper's variance reduction. sample=False (inference): s = argmax alpha.
+    Only alpha's log-probability at s carries a gradient to the attention (see `hard_attention_loss`).
+    """
+    if sample:
+        location = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B,)
+        keep_expected = torch.rand(location.shape, device=alpha.device) < 0.5
+        location = location.masked_fill(keep_expected, -1)
+    else:
+        location = alpha.argmax(dim=1)
+    rows = torch.arange(features.size(0), device=features.device)
+    chosen = features[rows, location.clamp(min=0)]  # (B, D)
+    return torch.where((location >= 0).unsqueeze(1), chosen, expected_context), location
+
+
 class AttentionDecoder(nn.Module):
-    """LSTM with soft attention, gating scalar beta and the paper's deep output layer (eq. 7)."""
+    """LSTM (or GRU) with soft or hard attention, gating scalar beta and the paper's deep output layer (eq. 7)."""
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
@@ -103,11 +142,18 @@ class AttentionDecoder(nn.Module):
             self.class_head = nn.Linear(c.feature_dim, c.semantic_classes).requires_grad_(False)
         init_dim = c.feature_dim + c.semantic_classes
         self.init_h = nn.Linear(init_dim, c.num_layers * c.hidden_dim)
-        self.init_c = nn.Linear(init_dim, c.num_layers * c.hidden_dim)
+        if c.cell == "lstm":
+            self.init_c = nn.Linear(init_dim, c.num_layers * c.hidden_dim)
+        cell_type = nn.LSTMCell if c.cell == "lstm" else nn.GRUCell
         self.cells = nn.ModuleList(
-            nn.LSTMCell(c.embed_dim + c.feature_dim if i == 0 else c.hidden_dim, c.hidden_dim)
+            cell_type(c.embed_dim + c.feature_dim if i == 0 else c.hidden_dim, c.hidden_dim)
             for i in range(c.num_layers)
         )
+        if c.attention == "hard":
+            # Moving average of the per-word log-likelihood: REINFORCE's baseline. A buffer, so checkpoints
+            # and --resume keep it and DDP keeps it the same on every rank.
+            self.register_buffer("reinforce_baseline", torch.zeros(()))
+            self.register_buffer("reinforce_updates", torch.zeros((), dtype=torch.long))
         self.dropout = nn.Dropout(c.dropout)
         # Deep output: p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)).
         self.out_hidden = nn.Linear(c.hidden_dim, c.embed_dim)  # L_h
@@ -119,7 +165,7 @@ class AttentionDecoder(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        for cell in self.cells:
+        for cell in self.cells if self.config.cell == "lstm" else ():
             # Gates are ordered (input, forget, cell, output): a forget bias of 1 keeps memory early in
             # training (Jozefowicz et al. 2015). bias_ih + bias_hh are summed, so set one to 1, the other 0.
             h = cell.hidden_size
@@ -140,26 +186,33 @@ class AttentionDecoder(nn.Module):
         if self.config.semantic_classes:
             summary = torch.cat([summary, self.semantic_input(features)], dim=1)
         h = torch.tanh(self.init_h(summary)).view(b, self.config.num_layers, self.config.hidden_dim)
-        c = torch.tanh(self.init_c(summary)).view(b, self.config.num_layers, self.config.hidden_dim)
+        c = torch.tanh(self.init_c(summary)).view_as(h) if self.config.cell == "lstm" else torch.zeros_like(h)
         return DecoderState(
             h=h,
             c=c,
             features=features,
             projected_features=self.attention.feature_proj(features),
             beta=features.new_ones(b, 1),
+            location=torch.full((b,), -1, dtype=torch.long, device=features.device),
         )
 
     def step(self, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DecoderState]:
         """tokens (B,) = previous words -> logits (B, V) for the next word, alpha (B, L), new state."""
         top_h = state.h[:, -1]  # (B, H)
         context, alpha = self.attention(state.features, state.projected_features, top_h)  # (B, D), (B, L)
+        location = state.location
+        if self.config.attention == "hard":
+            context, location = hard_context(state.features, alpha, context, sample=self.training)
         beta = torch.sigmoid(self.gate(top_h))  # (B, 1)
         context = beta * context
         embedded = self.embedding(tokens)  # (B, E)
         x = torch.cat([embedded, context], dim=1)
         hs, cs = [], []
         for layer, cell in enumerate(self.cells):
-            h, c = cell(x, (state.h[:, layer], state.c[:, layer]))
+            if self.config.cell == "lstm":
+                h, c = cell(x, (state.h[:, layer], state.c[:, layer]))
+            else:
+                h, c = cell(x, state.h[:, layer]), state.c[:, layer]
             hs.append(h)
             cs.append(c)
             x = self.dropout(h)
@@ -171,22 +224,29 @@ class AttentionDecoder(nn.Module):
             features=state.features,
             projected_features=state.projected_features,
             beta=beta,
+            location=location,
         )
         return logits, alpha, new_state
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, return_locations: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """Teacher forcing. features (B, L, D), captions (B, T+1) = START w1 .. wn END PAD..
 
-        Returns logits (B, T, V) predicting captions[:, 1:], and alphas (B, T, L). Padded positions are
-        computed too (cheap, and no sort-and-pack); the loss masks them out.
+        Returns logits (B, T, V) predicting captions[:, 1:], and alphas (B, T, L); with `return_locations`
+        also hard attention's locations (B, T) (-1: expected context), which `hard_attention_loss` needs.
+        Padded positions are computed too (cheap, and no sort-and-pack); the loss masks them out.
         """
         state = self.init_state(features)
         inputs = captions[:, :-1]  # (B, T)
-        logits, alphas = [], []
+        logits, alphas, locations = [], [], []
         for t in range(inputs.size(1)):
             step_logits, alpha, state = self.step(state, inputs[:, t])
             logits.append(step_logits)
             alphas.append(alpha)
+            locations.append(state.location)
+        if return_locations:
+            return torch.stack(logits, dim=1), torch.stack(alphas, dim=1), torch.stack(locations, dim=1)
         return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
 
 
@@ -225,3 +285,42 @@ def caption_loss(
         # normaliser divides both, so lambda keeps its meaning.
         loss_sum = loss_sum + attention_reg * ((1.0 - attention_sum) ** 2).sum()
     return loss_sum / (n_tokens if normalizer is None else normalizer), cross_entropy
+
+
+def hard_attention_loss(
+    logits: torch.Tensor,
+    captions: torch.Tensor,
+    alphas: torch.Tensor,
+    locations: torch.Tensor,
+    baseline: torch.Tensor | float | None,
+    reinforce_weight: float = 1.0,
+    entropy_weight: float = 0.01,
+    pad_id: int = 0,
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The extra terms that train stochastic hard attention (Show, Attend and Tell eq. 12), to add to
+    `caption_loss`: REINFORCE on the sampled locations and an entropy bonus on alpha.
+
+    logits (B, T, V), captions (B, T+1), alphas (B, T, L), locations (B, T) (-1: expected context, no sample).
+    The reward of a caption is its mean per-word log-likelihood given the sampled locations (per word, so
+    long captions do not get systematically lower rewards); `baseline` is its moving average (None: this
+    batch's mean reward). Returns
+    (loss to add, mean reward of the batch, detached, for updating the baseline).
+    """
+    targets = captions[:, 1:]  # (B, T)
+    mask = targets != pad_id  # (B, T)
+    token_nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    token_logp = -token_nll.view_as(targets) * mask
+    reward = (token_logp.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).detach()  # (B,)
+    if baseline is None:
+        baseline = reward.mean()
+    sampled = (locations >= 0) & mask  # (B, T)
+    chosen_alpha = alphas.gather(2, locations.clamp(min=0).unsqueeze(2)).squeeze(2)  # (B, T)
+    location_logp = torch.log(chosen_alpha.clamp_min(1e-12)) * sampled
+    # Minimising -(r - b) log p(s) raises the probability of locations that explained the caption better
+    # than usual; the entropy bonus keeps alpha from collapsing onto one location too early.
+    reinforce = -((reward - baseline).unsqueeze(1) * location_logp).sum()
+    entropy = -(alphas * torch.log(alphas.clamp_min(1e-12))).sum(dim=2)  # (B, T)
+    loss_sum = reinforce_weight * reinforce - entropy_weight * (entropy * mask).sum()
+    n_tokens = mask.sum().clamp(min=1)
+    return loss_sum / (n_tokens if normalizer is None else normalizer), reward.mean()

@@ -31,7 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from . import scst
+from .checkpoint import Checkpoint, CheckpointError, average_checkpoints, load_checkpoint, save_checkpoint
 from .coco import (
     CaptionDataset,
     ImageRecord,
@@ -53,7 +54,7 @@ from .distributed import (
 from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder
 from .features import VIEWS, FeatureStore, build_feature_store
 from .metrics import fast_scores
-from .model import AttentionDecoder, CaptionerConfig, caption_loss
+from .model import AttentionDecoder, CaptionerConfig, caption_loss, hard_attention_loss
 from .vocab import Vocabulary
 
 log = logging.getLogger("captioner.train")
@@ -91,13 +92,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--tie-weights", action="store_true", help="share embedding and output matrices")
     model.add_argument("--semantic", action="store_true",
                        help="feed the backbone's ImageNet class probabilities into h0/c0")
-    model.add_argument("--init-from", type=Path, help="start from this checkpoint's decoder weights")
+    model.add_argument("--init-from", type=Path,
+                       help="start from this checkpoint's decoder (its architecture and vocabulary win)")
+    model.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="recurrent cell")
+    model.add_argument("--attention", choices=["soft", "hard"], default="soft",
+                       help="soft (deterministic) or stochastic hard attention (Show, Attend and Tell 4.1)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=20)
     opt.add_argument("--batch-size", type=int, default=32, help="global batch, split over the processes")
-    opt.add_argument("--lr", type=float, default=1e-3)
-    opt.add_argument("--weight-decay", type=float, default=0.0)
+    opt.add_argument("--lr", type=float, default=None, help="default 1e-3, or 5e-5 with --scst")
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay")
     opt.add_argument("--grad-clip", type=float, default=5.0, help="max global L2 norm of the gradients")
     opt.add_argument("--attention-reg", type=float, default=1.0, help="lambda of the doubly stochastic term")
     opt.add_argument("--label-smoothing", type=float, default=0.0)
@@ -105,6 +110,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     opt.add_argument("--monitor", choices=["CIDEr", "BLEU-4"], default="CIDEr", help="early-stopping metric")
     opt.add_argument("--patience", type=int, default=5, help="stop after N epochs without improvement")
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--average-best", type=int, default=0, metavar="N",
+                     help="also write averaged.pt: the mean weights of the N epochs with the best val score")
+    opt.add_argument("--reinforce-weight", type=float, default=1.0, help="hard attention: REINFORCE term weight")
+    opt.add_argument("--entropy-weight", type=float, default=0.01, help="hard attention: entropy bonus weight")
+
+    scst = p.add_argument_group("self-critical sequence training (a second stage after cross-entropy)")
+    scst.add_argument("--scst", action="store_true",
+                      help="optimise CIDEr-D by REINFORCE (needs --init-from a cross-entropy checkpoint); "
+                           "--batch-size then counts images")
+    scst.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image")
+    scst.add_argument("--scst-baseline", choices=["greedy", "mean"], default="greedy",
+                      help="greedy: the greedy caption's reward; mean: the mean of the other samples' rewards")
+    scst.add_argument("--scst-max-length", type=int, default=16, help="most words in a sampled caption")
+    scst.add_argument("--scst-dropout", action="store_true",
+                      help="keep dropout on while sampling and in the gradient pass (the greedy baseline never "
+                           "uses it); default off: one exact policy")
 
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", type=Path, required=True)
@@ -163,9 +184,11 @@ class CaptionModel(nn.Module):
         super().__init__()
         self.decoder, self.encoder = decoder, encoder
 
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, inputs: torch.Tensor, captions: torch.Tensor, return_locations: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         features = self.encoder(inputs) if self.encoder is not None else inputs  # (B, L, D)
-        return self.decoder(features, captions)
+        return self.decoder(features, captions, return_locations=return_locations)
 
 
 def train_one_epoch(
@@ -182,6 +205,8 @@ def train_one_epoch(
     model.train()
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    decoder = _unwrap(model).decoder
+    hard = decoder.config.attention == "hard"
     sums = torch.zeros(3, dtype=torch.float64)  # loss * tokens, cross-entropy * tokens, tokens
     max_norm = 0.0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=args.no_progress or not env.is_main, leave=False)
@@ -192,11 +217,19 @@ def train_one_epoch(
         # compute exactly the gradient one process would on the whole batch.
         global_tokens = all_reduce_sum(local_tokens.double(), env)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, alphas = model(inputs, captions)
+            logits, alphas, *locations = model(inputs, captions, return_locations=hard)
+        normalizer = global_tokens.float() / env.world_size
         loss, ce = caption_loss(
             logits.float(), captions, alphas.float(), attention_reg=args.attention_reg,
-            label_smoothing=args.label_smoothing, normalizer=global_tokens.float() / env.world_size,
+            label_smoothing=args.label_smoothing, normalizer=normalizer,
         )
+        if hard:
+            reinforce, reward = hard_attention_loss(
+                logits.float(), captions, alphas.float(), locations[0], _reinforce_baseline(decoder),
+                args.reinforce_weight, args.entropy_weight, normalizer=normalizer,
+            )
+            loss = loss + reinforce
+            _update_reinforce_baseline(decoder, reward, env)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: scale the loss so small gradients survive, unscale before clipping
             scaler.scale(loss).backward()
@@ -223,6 +256,30 @@ def train_one_epoch(
         "train_perplexity": math.exp(ce),
         "max_grad_norm_before_clip": max_norm,
     }
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The CaptionModel inside DDP and/or torch.compile wrappers."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
+
+
+def _reinforce_baseline(decoder: AttentionDecoder) -> torch.Tensor | None:
+    """Hard attention's moving-average baseline; None before its first update (the loss then centres the
+    first batch on its own mean reward rather than making every advantage negative)."""
+    return decoder.reinforce_baseline if bool(decoder.reinforce_updates) else None
+
+
+@torch.no_grad()
+def _update_reinforce_baseline(decoder: AttentionDecoder, batch_reward: torch.Tensor, env: DistributedEnv) -> None:
+    """b <- 0.9 b + 0.1 r (the paper's moving average), with r averaged over ranks so every rank agrees."""
+    reward = all_reduce_sum(batch_reward.detach().double(), env) / env.world_size
+    if bool(decoder.reinforce_updates):
+        decoder.reinforce_baseline.mul_(0.9).add_(0.1 * reward.to(decoder.reinforce_baseline))
+    else:
+        decoder.reinforce_baseline.fill_(float(reward))
+    decoder.reinforce_updates += 1
 
 
 @torch.no_grad()
@@ -405,6 +462,8 @@ def _build_decoder(args, vocab: Vocabulary, encoder: Encoder, resume, init) -> A
             dropout=args.dropout,
             tie_weights=args.tie_weights,
             semantic_classes=encoder.classifier.out_features if args.semantic else 0,
+            cell=args.cell,
+            attention=args.attention,
         ))
     if resume is None and decoder.config.semantic_classes:
         # The frozen class head is a copy of this backbone's classifier (an LM checkpoint only has a placeholder).
@@ -433,9 +492,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         shutdown(env)
 
 
-def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) -> dict[str, Any]:
+def _check_args(args: argparse.Namespace, env: DistributedEnv) -> None:
+    """Refuse impossible combinations up front, before minutes of feature encoding."""
     if args.batch_size % env.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} must divide evenly over {env.world_size} processes")
+    if args.scst:
+        if not (args.init_from or args.resume):
+            raise SystemExit("--scst fine-tunes a trained model: give --init-from a cross-entropy checkpoint")
+        if args.fine_tune_blocks or args.augment:
+            raise SystemExit("--scst runs on cached features of the original photos: "
+                             "drop --fine-tune-blocks and --augment")
+        if args.scst_samples < 1 or (args.scst_baseline == "mean" and args.scst_samples < 2):
+            raise SystemExit("--scst-samples must be >= 1 (>= 2 with --scst-baseline mean)")
+    if args.lr is None:
+        args.lr = 5e-5 if args.scst else 1e-3
+    if args.average_best < 0:
+        raise SystemExit("--average-best must be >= 0")
+
+
+def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) -> dict[str, Any]:
+    _check_args(args, env)
     if env.is_main:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     barrier(env)
@@ -454,6 +530,11 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
     train_set, val_store = _build_datasets(args, train_records, val_records, encoder, vocab, env)
     if len(train_set) == 0:
         raise SystemExit("no usable training captions (every image failed to load?)")
+    if args.scst:
+        scst_images = scst.ImageFeatures(train_records, train_set.stores[0][1])
+        cider, scst_references = scst.reward_scorer(scst_images.records)
+        log.info("SCST: %d training images, CIDEr-D document frequencies from their %d references",
+                 len(scst_images), sum(len(r.captions) for r in scst_images.records))
 
     # Seed again here: building the caches consumed random numbers (DataLoader seeding) only on a first run,
     # and a resumed or repeated run must initialise exactly the same way.
@@ -474,13 +555,16 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
     trainable_encoder = [p for p in encoder.parameters() if p.requires_grad]
     if trainable_encoder:
         param_groups.append({"params": trainable_encoder, "lr": args.encoder_lr})
-    optimizer = torch.optim.Adam(param_groups, weight_decay=args.weight_decay)
+    # AdamW: with weight decay, decay the weights directly instead of adding an L2 gradient that Adam's
+    # per-parameter scaling would distort (Loshchilov & Hutter 2019); without it, AdamW is Adam.
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
     scheduler = _make_scheduler(optimizer, args)
     amp_dtype, needs_scaler = _amp_settings(args, device)
     scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
 
     last_path, best_path = args.output_dir / "last.pt", args.output_dir / "best.pt"
     start_epoch, best_score, bad_epochs = 1, float("-inf"), 0
+    top_epochs: list[tuple[float, int]] = []  # (val score, epoch) of the --average-best N best epochs
     if resume is not None and resume.training is not None:
         t = resume.training
         optimizer.load_state_dict(t["optimizer"])
@@ -489,6 +573,7 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
         if scaler is not None and t.get("scaler"):
             scaler.load_state_dict(t["scaler"])
         start_epoch, best_score, bad_epochs = t["epoch"] + 1, t["best_score"], t["bad_epochs"]
+        top_epochs = [(float(score), int(e)) for score, e in t.get("top_epochs", [])]
         rng = t["rng"]
         _restore_rng(rng[env.rank] if env.rank < len(rng) else rng[0], device)
         log.info("resumed from %s at epoch %d (best %s %.4f)", last_path, start_epoch, args.monitor, best_score)
@@ -504,16 +589,19 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
         started = time.time()
         # Shuffling depends only on (seed, epoch), and N processes split exactly the permutation one process
         # would use, so a resumed run and a DDP run see the same global batches as a single process.
-        sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                     seed=args.seed)
-        sampler.set_epoch(epoch)
         if isinstance(train_set, CaptionDataset):
             train_set.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size, sampler=sampler,
-                            collate_fn=collate_captions, num_workers=args.num_workers,
-                            pin_memory=device.type == "cuda")
+        loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size,
+                            sampler=_sampler(train_set, args, env, epoch), collate_fn=collate_captions,
+                            num_workers=args.num_workers, pin_memory=device.type == "cuda")
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(model, loader, optimizer, args, epoch, env, scaler, amp_dtype))
+        if args.scst:
+            image_loader = DataLoader(scst_images, batch_size=args.batch_size // env.world_size,
+                                      sampler=_sampler(scst_images, args, env, epoch), collate_fn=scst.collate_images)
+            row.update(scst.train_one_epoch(model, decoder, image_loader, scst_references, cider, vocab, optimizer,
+                                            args, epoch, env))
+        else:
+            row.update(train_one_epoch(model, loader, optimizer, args, epoch, env, scaler, amp_dtype))
         scores, predictions = evaluate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size,
                                        env=env)
         row.update(scores)
@@ -524,9 +612,11 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
         improved = score > best_score
         best_score, bad_epochs = (score, 0) if improved else (best_score, bad_epochs + 1)
         row["best"] = improved
+        train_part = (f"reward {row['train_reward_CIDEr']:.3f} (baseline {row['train_baseline_CIDEr']:.3f})"
+                      if args.scst else f"ppl {row['train_perplexity']:.1f}")
         log.info(
-            "epoch %d: loss %.3f ppl %.1f | val ppl %.1f BLEU-4 %.3f CIDEr %.3f %s| %.0fs",
-            epoch, row["train_loss"], row["train_perplexity"], row["val_perplexity"], row["BLEU-4"],
+            "epoch %d: loss %.3f %s | val ppl %.1f BLEU-4 %.3f CIDEr %.3f %s| %.0fs",
+            epoch, row["train_loss"], train_part, row["val_perplexity"], row["BLEU-4"],
             row["CIDEr"], "(best) " if improved else "", row["seconds"],
         )
         log.info("  e.g. image %d: %s", *next(iter(predictions.items())))
@@ -538,6 +628,8 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
                                 "args": _args_json(args)}
                 save_checkpoint(best_path, decoder, vocab, encoder.name, encoder.preprocessing,
                                 metrics=best_metrics, encoder_state=encoder_state)
+            if args.average_best:
+                top_epochs = _keep_top_epoch(top_epochs, score, epoch, args, decoder, vocab, encoder)
             training = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -546,6 +638,7 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
                 "best_score": best_score,
                 "bad_epochs": bad_epochs,
                 "rng": rng,
+                "top_epochs": [list(pair) for pair in top_epochs],
             }
             save_checkpoint(last_path, decoder, vocab, encoder.name, encoder.preprocessing,
                             metrics=best_metrics, training=training, encoder_state=encoder_state)
@@ -553,8 +646,53 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
                 f.write(json.dumps(row) + "\n")
     if env.is_main:
         plot_training_curves(metrics_file, args.output_dir / "training_curves.png")
+        if args.average_best and top_epochs:
+            _write_averaged(top_epochs, args, val_records, val_store, vocab, encoder, device)
     barrier(env)
     return best_metrics
+
+
+def _top_epoch_path(args: argparse.Namespace, epoch: int) -> Path:
+    return args.output_dir / "top-epochs" / f"epoch-{epoch:03d}.pt"
+
+
+def _keep_top_epoch(
+    top_epochs: list[tuple[float, int]], score: float, epoch: int, args: argparse.Namespace,
+    decoder: AttentionDecoder, vocab: Vocabulary, encoder: Encoder,
+) -> list[tuple[float, int]]:
+    """Keep this epoch's weights on disk if they are among the N best so far (drop the one it displaces).
+    On disk rather than in memory, so a killed run resumes with them."""
+    ranked = sorted([*top_epochs, (score, epoch)], key=lambda pair: (-pair[0], pair[1]))
+    kept, dropped = ranked[: args.average_best], ranked[args.average_best :]
+    if (score, epoch) in kept:
+        save_checkpoint(_top_epoch_path(args, epoch), decoder, vocab, encoder.name, encoder.preprocessing,
+                        metrics={args.monitor: score, "epoch": epoch})
+    for _, old in dropped:
+        _top_epoch_path(args, old).unlink(missing_ok=True)
+    return kept
+
+
+def _write_averaged(
+    top_epochs: list[tuple[float, int]], args: argparse.Namespace, val_records: Sequence[ImageRecord],
+    val_store: FeatureStore, vocab: Vocabulary, encoder: Encoder, device: torch.device,
+) -> None:
+    """Checkpoint averaging: the mean weights of the N best epochs, validated like any epoch, as averaged.pt."""
+    epochs = sorted(e for _, e in top_epochs)
+    averaged = average_checkpoints([_top_epoch_path(args, e) for e in epochs])
+    decoder = averaged.decoder.to(device)
+    scores, _ = evaluate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size)
+    metrics = {**scores, "averaged_epochs": epochs, "args": _args_json(args)}
+    save_checkpoint(args.output_dir / "averaged.pt", decoder, vocab, encoder.name, encoder.preprocessing,
+                    metrics=metrics)
+    log.info("averaged epochs %s: val ppl %.1f BLEU-4 %.3f CIDEr %.3f (best single epoch: %s %.3f)",
+             epochs, scores["val_perplexity"], scores["BLEU-4"], scores["CIDEr"], args.monitor, top_epochs[0][0])
+
+
+def _sampler(dataset: torch.utils.data.Dataset, args: argparse.Namespace, env: DistributedEnv,
+             epoch: int) -> DistributedSampler:
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=args.seed)
+    sampler.set_epoch(epoch)
+    return sampler
 
 
 def _drop_rows_from(metrics_file: Path, epoch: int) -> None:
@@ -580,7 +718,8 @@ def plot_training_curves(metrics_file: Path, out: Path) -> None:
         return
     epochs = [r["epoch"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(epochs, [r["train_perplexity"] for r in rows], label="train")
+    if all("train_perplexity" in r for r in rows):  # SCST epochs have rewards instead
+        ax1.plot(epochs, [r["train_perplexity"] for r in rows], label="train")
     ax1.plot(epochs, [r["val_perplexity"] for r in rows], label="val")
     ax1.set(xlabel="epoch", ylabel="perplexity", yscale="log", title="perplexity = exp(cross-entropy)")
     ax1.legend()

@@ -15,11 +15,16 @@ def features():
     return torch.randn(B, L, D, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture
-def peaky_decoder(vocab):
+# Every invariant holds for each recurrent cell and attention kind: they all decode through the same `step`.
+VARIANTS = [dict(cell="lstm", attention="soft"), dict(cell="gru", attention="soft"),
+            dict(cell="lstm", attention="hard"), dict(cell="gru", attention="hard")]
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda v: f"{v['cell']}-{v['attention']}")
+def peaky_decoder(vocab, request):
     """Larger output weights make the distribution peaky, so END happens and captions vary by image."""
     torch.manual_seed(3)
-    decoder = AttentionDecoder(tiny_config(len(vocab))).eval()
+    decoder = AttentionDecoder(tiny_config(len(vocab), **request.param)).eval()
     with torch.no_grad():
         decoder.out_vocab.weight.mul_(40)
         decoder.out_vocab.bias[2] += 4.0  # make END likely enough that most captions end on their own

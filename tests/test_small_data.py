@@ -1,4 +1,4 @@
-"""Small-data levers: caption LM pretraining, the semantic (class-probability) input."""
+"""Small-data levers: caption LM pretraining, the semantic (class-probability) input, checkpoint averaging."""
 
 import math
 
@@ -99,3 +99,48 @@ def test_semantic_input_can_be_added_on_top_of_a_language_model():
     assert widened.config.semantic_classes == 10 and widened.init_h.in_features == 26
     torch.testing.assert_close(widened.embedding.weight, lm_decoder.embedding.weight)
     torch.testing.assert_close(widened.cells[0].weight_hh, lm_decoder.cells[0].weight_hh)
+
+
+def _saved_decoder(path, vocab, seed, **overrides):
+    from captioner.checkpoint import save_checkpoint
+    from captioner.encoder import Preprocessing
+
+    torch.manual_seed(seed)
+    decoder = AttentionDecoder(tiny_config(len(vocab), feature_dim=1280, **overrides))
+    save_checkpoint(path, decoder, vocab, "efficientnet-lite0", Preprocessing())
+    return decoder
+
+
+def test_checkpoint_averaging_is_the_elementwise_mean_and_refuses_other_models(tmp_path, vocab):
+    import pytest
+
+    from captioner.checkpoint import CheckpointError, average_checkpoints
+    from captioner.cli import main as cli_main
+
+    a = _saved_decoder(tmp_path / "a.pt", vocab, seed=0)
+    b = _saved_decoder(tmp_path / "b.pt", vocab, seed=1)
+    assert cli_main(["average", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "-o", str(tmp_path / "m.pt")]) == 0
+    mean = load_checkpoint(tmp_path / "m.pt").decoder.state_dict()
+    for name, value in a.state_dict().items():
+        torch.testing.assert_close(mean[name], (value + b.state_dict()[name]) / 2)
+    _saved_decoder(tmp_path / "gru.pt", vocab, seed=2, cell="gru")
+    with pytest.raises(CheckpointError, match="cannot be averaged"):
+        average_checkpoints([tmp_path / "a.pt", tmp_path / "gru.pt"])
+
+
+def test_training_keeps_the_n_best_epochs_and_validates_their_average(tmp_path, coco_mini):
+    from captioner import train
+    from tests.test_train import _args, _rows
+
+    out = tmp_path / "run"
+    train.main(_args(tmp_path, coco_mini, out, epochs=4, average_best=2, lr=1e-2))
+    rows = _rows(out)
+    ranked = sorted(rows, key=lambda r: (-r["CIDEr"], r["epoch"]))[:2]
+    kept = sorted((out / "top-epochs").iterdir())
+    assert [p.name for p in kept] == [f"epoch-{r['epoch']:03d}.pt" for r in sorted(ranked, key=lambda r: r["epoch"])]
+    averaged = load_checkpoint(out / "averaged.pt")
+    assert averaged.metrics["averaged_epochs"] == sorted(r["epoch"] for r in ranked)
+    assert {"CIDEr", "BLEU-4", "val_perplexity"} <= set(averaged.metrics)
+    states = [load_checkpoint(p).decoder.state_dict() for p in kept]
+    for name, value in averaged.decoder.state_dict().items():
+        torch.testing.assert_close(value, (states[0][name] + states[1][name]) / 2)

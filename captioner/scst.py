@@ -1,0 +1,181 @@
+"""Self-critical sequence training (Rennie et al. 2017): a second stage that optimises CIDEr-D directly.
+
+    captioner train --scst --init-from runs/xe/best.pt ... --output-dir runs/scst
+
+For each training image the current policy samples N captions. Each is scored against the image's references
+with CIDEr-D (document frequencies from all training references, computed once: `captioner.cider`), and its
+log-probability is weighted by the advantage, reward minus a baseline:
+- "greedy" (the paper's self-critical baseline): the reward of the image's greedy caption;
+- "mean": the mean reward of the image's other N-1 samples (no extra decoding; Luo 2020).
+
+Sampling and the gradient pass both run with dropout off: REINFORCE needs the log-probabilities of the very
+policy that sampled, and that is also the network that decodes at test time. Log-probabilities are taken over
+the tokens decoding may emit (no PAD/START/UNK, no END first, END forced after `max_length` words), exactly
+the distribution the sampler drew from.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .cider import CiderD
+from .coco import ImageRecord
+from .decoding import DecodingOptions, Hypothesis, generate
+from .distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum
+from .features import FeatureStore
+from .model import AttentionDecoder
+from .vocab import Vocabulary, tokenize
+
+BASELINES = ("greedy", "mean")
+
+
+class ImageFeatures(Dataset):
+    """(features (L, D), index into `records`) for every training image with cached features: SCST works per
+    image, not per caption, since an image's references all score each sample."""
+
+    def __init__(self, records: Sequence[ImageRecord], store: FeatureStore):
+        self.records = [r for r in records if store.has(r.image_id)]
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.store.get(self.records[index].image_id), index
+
+
+def collate_images(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, list[int]]:
+    return torch.stack([f for f, _ in batch]), [i for _, i in batch]
+
+
+def reward_scorer(records: Sequence[ImageRecord]) -> tuple[CiderD, list[list]]:
+    """CIDEr-D with document frequencies from these (training) references, and each record's references
+    prepared for scoring, in record order."""
+    references = [[tokenize(c) for c in r.captions] for r in records]
+    cider = CiderD(references)
+    return cider, [cider.prepare(refs) for refs in references]
+
+
+def scst_loss(
+    token_log_probs: torch.Tensor, mask: torch.Tensor, advantage: torch.Tensor, normalizer: torch.Tensor | float
+) -> torch.Tensor:
+    """-(reward - baseline) * log p(caption), summed over real tokens and divided by `normalizer`.
+
+    token_log_probs (N, T), mask (N, T) bool, advantage (N,). Minimising it raises the probability of
+    captions that beat their baseline and lowers that of captions that fall short."""
+    weighted = torch.where(mask, advantage.detach().unsqueeze(1) * token_log_probs, 0.0)
+    return -weighted.sum() / normalizer
+
+
+def allowed_token_mask(vocab: Vocabulary, steps: int, max_length: int, device: torch.device) -> torch.Tensor:
+    """(T, V) additive mask, 0 where decoding may emit a token at step t, -inf elsewhere: the same rules as
+    `captioner.decoding.allowed_logits`, for a whole teacher-forced sequence at once."""
+    mask = torch.zeros(steps, len(vocab), device=device)
+    mask[:, list(vocab.blocked_ids)] = float("-inf")
+    mask[0, vocab.end_id] = float("-inf")
+    if steps > max_length:
+        mask[max_length:] = float("-inf")
+        mask[max_length:, vocab.end_id] = 0.0
+    return mask
+
+
+def sequence_log_probs(
+    logits: torch.Tensor, captions: torch.Tensor, vocab: Vocabulary, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of captions[:, 1:] under the decoding distribution.
+
+    logits (N, T, V), captions (N, T+1) -> log-probs (N, T) (0 at padding), mask (N, T)."""
+    targets = captions[:, 1:]
+    mask = targets != vocab.pad_id
+    allowed = allowed_token_mask(vocab, logits.size(1), max_length, logits.device)
+    log_probs = F.log_softmax(logits.float() + allowed, dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)
+    return torch.where(mask, log_probs, 0.0), mask
+
+
+def captions_tensor(hypotheses: Sequence[Hypothesis], vocab: Vocabulary, device: torch.device) -> torch.Tensor:
+    """START + generated tokens (END included), padded: (N, T+1)."""
+    longest = max(len(h.tokens) for h in hypotheses)
+    out = torch.full((len(hypotheses), longest + 1), vocab.pad_id, dtype=torch.long)
+    out[:, 0] = vocab.start_id
+    for row, h in enumerate(hypotheses):
+        out[row, 1 : len(h.tokens) + 1] = torch.tensor(h.tokens)
+    return out.to(device)
+
+
+def _words(hypothesis: Hypothesis, vocab: Vocabulary) -> list[str]:
+    return vocab.decode_words(hypothesis.tokens)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    decoder: AttentionDecoder,
+    loader: DataLoader,
+    references: Sequence[list],
+    cider: CiderD,
+    vocab: Vocabulary,
+    optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    epoch: int,
+    env: DistributedEnv = SINGLE_PROCESS,
+) -> dict[str, float]:
+    """One SCST pass over the training images. `model` is the (possibly DDP-wrapped) CaptionModel holding
+    `decoder`; `references[i]` are record i's prepared references. Returns epoch means over all ranks."""
+    device = next(decoder.parameters()).device
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    samples_per_image = args.scst_samples
+    sampling = DecodingOptions(method="sample", num_captions=samples_per_image, max_length=args.scst_max_length)
+    greedy = DecodingOptions(method="greedy", max_length=args.scst_max_length)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss * tokens, sample reward, baseline reward, samples
+    tokens_seen, max_norm = 0.0, 0.0
+    bar = tqdm(loader, desc=f"scst {epoch}", unit="batch", disable=args.no_progress or not env.is_main, leave=False)
+    for features, indices in bar:
+        features = features.to(device)
+        model.train(args.scst_dropout)  # the policy: see the module doc
+        with torch.no_grad():
+            seed = int(torch.randint(0, 2**62, ()))  # drawn from the run's RNG: reproducible and resumable
+            samples = generate(decoder, features, vocab, replace(sampling, seed=seed))
+            rewards = torch.tensor([[cider.score(_words(h, vocab), references[i]) for h in hyps]
+                                    for i, hyps in zip(indices, samples, strict=True)])  # (B, N)
+            if args.scst_baseline == "greedy":
+                best = generate(decoder.eval(), features, vocab, greedy)
+                model.train(args.scst_dropout)
+                baseline = torch.tensor([cider.score(_words(hyps[0], vocab), references[i])
+                                         for i, hyps in zip(indices, best, strict=True)]).unsqueeze(1)  # (B, 1)
+            else:  # the mean of the image's other samples
+                baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (samples_per_image - 1)  # (B, N)
+            advantage = (rewards - baseline).flatten().to(device)  # (B*N,)
+        flat = [h for hyps in samples for h in hyps]
+        captions = captions_tensor(flat, vocab, device)  # (B*N, T+1)
+        repeated = features.repeat_interleave(samples_per_image, dim=0)  # (B*N, L, D)
+        logits, _ = model(repeated, captions)
+        token_log_probs, mask = sequence_log_probs(logits, captions, vocab, args.scst_max_length)
+        local_tokens = mask.sum()
+        global_tokens = all_reduce_sum(local_tokens.double(), env)
+        loss = scst_loss(token_log_probs, mask, advantage, global_tokens.float() / env.world_size)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        sums += torch.tensor([float(loss.detach()) * float(global_tokens) / env.world_size,
+                              float(rewards.sum()), float(baseline.expand_as(rewards).sum()), rewards.numel()],
+                             dtype=torch.float64)
+        tokens_seen += float(local_tokens)
+        max_norm = max(max_norm, float(norm))
+        bar.set_postfix(reward=f"{float(rewards.mean()):.3f}", baseline=f"{float(baseline.mean()):.3f}")
+    sums = all_reduce_sum(sums.to(device), env).tolist()
+    tokens_seen = float(all_reduce_sum(torch.tensor(tokens_seen, dtype=torch.float64, device=device), env))
+    loss_sum, reward_sum, baseline_sum, count = sums
+    return {
+        "train_loss": loss_sum / max(tokens_seen, 1.0),
+        "train_reward_CIDEr": reward_sum / max(count, 1.0),
+        "train_baseline_CIDEr": baseline_sum / max(count, 1.0),
+        "max_grad_norm_before_clip": max_norm,
+    }

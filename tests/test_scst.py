@@ -1,0 +1,141 @@
+"""Self-critical sequence training: the CIDEr-D reward, the loss, the log-probabilities, a real training stage."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from pycocoevalcap.cider.cider import Cider
+
+from captioner import scst, train
+from captioner.cider import CiderD
+from captioner.coco import ImageRecord
+from captioner.decoding import DecodingOptions, generate
+from captioner.model import AttentionDecoder
+from captioner.vocab import Vocabulary, tokenize
+from tests.conftest import tiny_config
+from tests.test_train import _args, _rows
+
+
+def _val_references(coco_mini, n_images):
+    data = json.loads((coco_mini / "annotations" / "captions_val.json").read_text())
+    refs: dict[int, list[str]] = {}
+    for a in data["annotations"]:
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    return {i: refs[i] for i in sorted(refs)[:n_images]}
+
+
+def test_cider_d_reward_matches_pycocoevalcap_on_the_same_captions(coco_mini):
+    """Same references for the document frequencies -> the same per-image scores as pycocoevalcap's CIDEr-D,
+    for good, bad, repeated and empty-ish candidates."""
+    refs = _val_references(coco_mini, 30)
+    ids = list(refs)
+    gts = {i: [" ".join(tokenize(c)) for c in refs[i][:4]] for i in ids}
+    candidates = ["a man riding a a horse on the street", "a a a a", "dog", "a kitchen with a stove and a sink"]
+    res = {i: [" ".join(tokenize(refs[i][4]))] if k % 2 else [candidates[k % 4]] for k, i in enumerate(ids)}
+    expected_mean, expected = Cider().compute_score(gts, res)
+    cider = CiderD([[c.split() for c in gts[i]] for i in ids])
+    ours = [cider.score(res[i][0].split(), [c.split() for c in gts[i]]) for i in ids]
+    assert ours == pytest.approx(list(expected), abs=1e-9)
+    assert sum(ours) / len(ours) == pytest.approx(expected_mean, abs=1e-9)
+    assert max(ours) > 0.5  # the held-out human captions score well: the test is not comparing zeros
+    prepared = cider.prepare([c.split() for c in gts[ids[0]]])
+    assert cider.score(res[ids[0]][0].split(), prepared) == pytest.approx(expected[0], abs=1e-9)
+
+
+def test_scst_loss_favours_captions_that_beat_the_baseline():
+    log_probs = torch.tensor([[-1.0, -2.0], [-1.5, -0.5]], requires_grad=True)  # (N, T)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    advantage = torch.tensor([0.7, -0.4])  # caption 0 beat its baseline, caption 1 did not
+    scst.scst_loss(log_probs, mask, advantage, normalizer=4.0).backward()
+    # Gradient descent moves log p against the gradient: up for caption 0, down for caption 1.
+    assert (log_probs.grad[0] < 0).all() and (log_probs.grad[1] > 0).all()
+    # And concretely: making the better caption more likely lowers the loss.
+    with torch.no_grad():
+        before = scst.scst_loss(log_probs, mask, advantage, 4.0)
+        raised = log_probs.clone()
+        raised[0] += 0.1
+        assert scst.scst_loss(raised, mask, advantage, 4.0) < before
+        raised_worse = log_probs.clone()
+        raised_worse[1] += 0.1
+        assert scst.scst_loss(raised_worse, mask, advantage, 4.0) > before
+    # Padding never counts.
+    padded_mask = torch.tensor([[True, False], [True, True]])
+    grad = torch.autograd.grad(scst.scst_loss(log_probs, padded_mask, advantage, 3.0), log_probs)[0]
+    assert grad[0, 1] == 0
+
+
+def test_rescored_log_probs_are_the_samplers(vocab):
+    """The gradient pass must score the very distribution the sampler drew from (blocked tokens, no END first,
+    END forced at max_length), or REINFORCE optimises the wrong thing."""
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(tiny_config(len(vocab))).eval()
+    features = torch.randn(3, 7, 16)
+    for max_length in (3, 12):
+        options = DecodingOptions(method="sample", num_captions=4, seed=1, max_length=max_length)
+        hyps = [h for image in generate(decoder, features, vocab, options) for h in image]
+        captions = scst.captions_tensor(hyps, vocab, features.device)
+        logits, _ = decoder(features.repeat_interleave(4, dim=0), captions)
+        token_log_probs, mask = scst.sequence_log_probs(logits, captions, vocab, max_length)
+        assert mask.sum(1).tolist() == [len(h.tokens) for h in hyps]
+        # Sorting within an image reorders; compare as multisets per image.
+        ours = token_log_probs.sum(1).view(3, 4)
+        theirs = torch.tensor([h.log_prob for h in hyps]).view(3, 4)
+        torch.testing.assert_close(ours.sort(1).values, theirs.sort(1).values, atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(token_log_probs).all()
+
+
+class _MemoryStore:
+    def __init__(self, features: dict[int, torch.Tensor]):
+        self.features = features
+
+    def has(self, image_id: int) -> bool:
+        return image_id in self.features
+
+    def get(self, image_id: int) -> torch.Tensor:
+        return self.features[image_id]
+
+
+@pytest.mark.parametrize("baseline", ["greedy", "mean"])
+def test_scst_raises_the_cider_reward_of_samples(baseline):
+    """A few SCST epochs on 4 'images' with distinct captions: the mean CIDEr-D of sampled captions rises."""
+    captions = ["a dog runs on the grass", "a red bus on a city street", "two people ride horses on a beach",
+                "a plate of food with broccoli"]
+    vocab = Vocabulary.build(captions, min_count=1)
+    torch.manual_seed(0)
+    records = [ImageRecord(i, None, (c,)) for i, c in enumerate(captions)]  # type: ignore[arg-type]
+    store = _MemoryStore({i: torch.randn(5, 16) for i in range(4)})
+    images = scst.ImageFeatures(records, store)
+    cider, references = scst.reward_scorer(images.records)
+    decoder = AttentionDecoder(tiny_config(len(vocab), dropout=0.0))
+    model = train.CaptionModel(decoder)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    args = argparse.Namespace(scst_samples=6, scst_baseline=baseline, scst_max_length=8, scst_dropout=False,
+                              grad_clip=5.0, no_progress=True)
+    loader = torch.utils.data.DataLoader(images, batch_size=4, collate_fn=scst.collate_images)
+    rewards = [scst.train_one_epoch(model, decoder, loader, references, cider, vocab, optimizer, args, e)
+               ["train_reward_CIDEr"] for e in range(40)]
+    assert sum(rewards[-5:]) > 1.6 * sum(rewards[:5]), rewards
+
+
+def test_scst_needs_a_trained_model_to_start_from(tmp_path, coco_mini):
+    with pytest.raises(SystemExit, match="--init-from"):
+        train.main(_args(tmp_path, coco_mini, tmp_path / "scst", epochs=1, scst=True))
+
+
+def test_scst_stage_runs_resumes_and_logs_rewards(tmp_path, coco_mini):
+    """`captioner train --scst --init-from`: the CLI path end to end on real COCO captions."""
+    xe = tmp_path / "xe"
+    train.main(_args(tmp_path, coco_mini, xe, epochs=2))
+    straight, interrupted = tmp_path / "scst", tmp_path / "scst-killed"
+    common = dict(scst=True, init_from=xe / "best.pt", batch_size=4, lr=None)
+    train.main(_args(tmp_path, coco_mini, straight, epochs=2, **common))
+    rows = _rows(straight)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 <= r["train_reward_CIDEr"] and 0 <= r["train_baseline_CIDEr"] and "CIDEr" in r
+    assert rows[0]["lr"] == 5e-5  # the SCST default learning rate
+    train.main(_args(tmp_path, coco_mini, interrupted, epochs=1, **common))
+    train.main(_args(tmp_path, coco_mini, interrupted, epochs=2, resume=True, **common))
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(interrupted)]
