@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .cider import CiderD
-from .coco import ImageRecord
+from .coco import ImageRecord, flip_caption
 from .decoding import DecodingOptions, Hypothesis, generate
 from .distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum
 from .features import FeatureStore
@@ -38,30 +38,43 @@ BASELINES = ("greedy", "mean")
 
 
 class ImageFeatures(Dataset):
-    """(features (L, D), index into `records`) for every training image with cached features: SCST works per
-    image, not per caption, since an image's references all score each sample."""
+    """(features (L, D), index into `records`, mirrored?) for every training image with cached features: SCST
+    works per image, not per caption, since an image's references all score each sample.
 
-    def __init__(self, records: Sequence[ImageRecord], store: FeatureStore):
-        self.records = [r for r in records if store.has(r.image_id)]
-        self.store = store
+    With extra views (`--augment`: (name, store) pairs), each image reads one view per epoch, chosen by
+    (seed, epoch, index) as in `CaptionDataset`; a mirrored view is scored against mirrored references."""
+
+    def __init__(self, records: Sequence[ImageRecord], store: FeatureStore,
+                 views: Sequence[tuple[str, FeatureStore]] = (), seed: int = 0):
+        self.stores = [("original", store), *views]
+        self.records = [r for r in records if all(s.has(r.image_id) for _, s in self.stores)]
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.store.get(self.records[index].image_id), index
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        key = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        view = torch.randint(len(self.stores), (1,), generator=torch.Generator().manual_seed(key)).item()
+        name, store = self.stores[view]
+        return store.get(self.records[index].image_id), index, "flip" in name
 
 
-def collate_images(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, list[int]]:
-    return torch.stack([f for f, _ in batch]), [i for _, i in batch]
+def collate_images(batch: Sequence[tuple[torch.Tensor, int, bool]]) -> tuple[torch.Tensor, list[tuple[int, bool]]]:
+    return torch.stack([f for f, _, _ in batch]), [(i, mirrored) for _, i, mirrored in batch]
 
 
-def reward_scorer(records: Sequence[ImageRecord]) -> tuple[CiderD, list[list]]:
+def reward_scorer(records: Sequence[ImageRecord]) -> tuple[CiderD, list[dict[bool, list]]]:
     """CIDEr-D with document frequencies from these (training) references, and each record's references
-    prepared for scoring, in record order."""
+    prepared for scoring, in record order: [{False: as written, True: mirrored (left <-> right)}, ...]."""
     references = [[tokenize(c) for c in r.captions] for r in records]
     cider = CiderD(references)
-    return cider, [cider.prepare(refs) for refs in references]
+    prepared = [{False: cider.prepare(refs), True: cider.prepare([tokenize(flip_caption(c)) for c in r.captions])}
+                for r, refs in zip(records, references, strict=True)]
+    return cider, prepared
 
 
 def scst_loss(
@@ -127,7 +140,8 @@ def train_one_epoch(
     env: DistributedEnv = SINGLE_PROCESS,
 ) -> dict[str, float]:
     """One SCST pass over the training images. `model` is the (possibly DDP-wrapped) CaptionModel holding
-    `decoder`; `references[i]` are record i's prepared references. Returns epoch means over all ranks."""
+    `decoder`; `references[i]` are record i's prepared references (`reward_scorer`). Returns epoch means over
+    all ranks."""
     device = next(decoder.parameters()).device
     params = [p for group in optimizer.param_groups for p in group["params"]]
     samples_per_image = args.scst_samples
@@ -136,19 +150,19 @@ def train_one_epoch(
     sums = torch.zeros(4, dtype=torch.float64)  # loss * tokens, sample reward, baseline reward, samples
     tokens_seen, max_norm = 0.0, 0.0
     bar = tqdm(loader, desc=f"scst {epoch}", unit="batch", disable=args.no_progress or not env.is_main, leave=False)
-    for features, indices in bar:
+    for features, keys in bar:  # keys: (record index, mirrored view?) per image
         features = features.to(device)
         model.train(args.scst_dropout)  # the policy: see the module doc
         with torch.no_grad():
             seed = int(torch.randint(0, 2**62, ()))  # drawn from the run's RNG: reproducible and resumable
             samples = generate(decoder, features, vocab, replace(sampling, seed=seed))
-            rewards = torch.tensor([[cider.score(_words(h, vocab), references[i]) for h in hyps]
-                                    for i, hyps in zip(indices, samples, strict=True)])  # (B, N)
+            rewards = torch.tensor([[cider.score(_words(h, vocab), references[i][mirrored]) for h in hyps]
+                                    for (i, mirrored), hyps in zip(keys, samples, strict=True)])  # (B, N)
             if args.scst_baseline == "greedy":
                 best = generate(decoder.eval(), features, vocab, greedy)
                 model.train(args.scst_dropout)
-                baseline = torch.tensor([cider.score(_words(hyps[0], vocab), references[i])
-                                         for i, hyps in zip(indices, best, strict=True)]).unsqueeze(1)  # (B, 1)
+                baseline = torch.tensor([cider.score(_words(hyps[0], vocab), references[i][mirrored])
+                                         for (i, mirrored), hyps in zip(keys, best, strict=True)]).unsqueeze(1)
             else:  # the mean of the image's other samples
                 baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (samples_per_image - 1)  # (B, N)
             advantage = (rewards - baseline).flatten().to(device)  # (B*N,)

@@ -134,8 +134,28 @@ def test_scst_stage_runs_resumes_and_logs_rewards(tmp_path, coco_mini):
     assert [r["epoch"] for r in rows] == [1, 2]
     for r in rows:
         assert 0 <= r["train_reward_CIDEr"] and 0 <= r["train_baseline_CIDEr"] and "CIDEr" in r
-    assert rows[0]["lr"] == 5e-5  # the SCST default learning rate
+    assert rows[0]["lr"] == 1e-5  # the SCST default learning rate
     train.main(_args(tmp_path, coco_mini, interrupted, epochs=1, **common))
     train.main(_args(tmp_path, coco_mini, interrupted, epochs=2, resume=True, **common))
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(interrupted)]
+
+
+def test_scst_mirrored_views_are_scored_against_mirrored_references():
+    captions = ["a dog on the left of a red car", "a man holds a cup in his right hand"]
+    records = [ImageRecord(i, None, (c,)) for i, c in enumerate(captions)]  # type: ignore[arg-type]
+    original = _MemoryStore({i: torch.zeros(3, 4) for i in range(2)})
+    mirrored = _MemoryStore({i: torch.ones(3, 4) for i in range(2)})
+    images = scst.ImageFeatures(records, original, [("flip", mirrored)], seed=0)
+    seen = set()
+    for epoch in range(8):
+        images.set_epoch(epoch)
+        for index in range(len(images)):
+            features, i, is_mirrored = images[index]
+            assert i == index and bool(features.mean() == 1.0) == is_mirrored  # the flag names the view read
+            seen.add(is_mirrored)
+    assert seen == {False, True}
+    cider, references = scst.reward_scorer(images.records)
+    as_written, swapped = tokenize(captions[0]), tokenize(captions[0].replace("left", "right"))
+    assert cider.score(swapped, references[0][True]) > cider.score(as_written, references[0][True])
+    assert cider.score(as_written, references[0][False]) > cider.score(swapped, references[0][False])
