@@ -85,6 +85,15 @@ def flip_caption(caption: str) -> str:
     return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1).lower() == "left" else "left", caption)
 
 
+def choose_view(seed: int, epoch: int, index: int, n_views: int) -> int:
+    """Which of `n_views` cached views item `index` reads this epoch: a function of (seed, epoch, index) only,
+    so resumed and distributed runs read the same views as one uninterrupted process."""
+    if n_views == 1:
+        return 0
+    key = (seed * 1_000_003 + epoch) * 10_000_019 + index
+    return int(torch.randint(n_views, (1,), generator=torch.Generator().manual_seed(key)).item())
+
+
 class CaptionDataset(Dataset):
     """One item per (image, caption): (features (L, D) float32, token ids (n+2,) with START/END).
 
@@ -124,10 +133,7 @@ class CaptionDataset(Dataset):
         return len(self.items)
 
     def view_of(self, index: int) -> int:
-        if len(self.stores) == 1:
-            return 0
-        key = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-        return torch.randint(len(self.stores), (1,), generator=torch.Generator().manual_seed(key)).item()
+        return choose_view(self.seed, self.epoch, index, len(self.stores))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_id, ids, mirrored = self.items[index]

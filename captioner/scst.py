@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .cider import CiderD
-from .coco import ImageRecord, flip_caption
+from .coco import ImageRecord, choose_view, flip_caption
 from .decoding import DecodingOptions, Hypothesis, generate
 from .distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum
 from .features import FeatureStore
@@ -57,9 +57,7 @@ class ImageFeatures(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
-        key = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-        view = torch.randint(len(self.stores), (1,), generator=torch.Generator().manual_seed(key)).item()
-        name, store = self.stores[view]
+        name, store = self.stores[choose_view(self.seed, self.epoch, index, len(self.stores))]
         return store.get(self.records[index].image_id), index, "flip" in name
 
 
