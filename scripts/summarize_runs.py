@@ -7,6 +7,7 @@ Each group is NAME=RUN_DIR[,RUN_DIR...] (shell globs are expanded). For each run
 - eval-best.json / eval-averaged.json (written by `captioner evaluate --checkpoint RUN/best.pt ... --json`,
   official pycocoevalcap metrics with the recommended decoding), when present;
 and prints one markdown row per group: mean +- sample standard deviation over the runs, and the runs' count.
+Runs without eval-best.json (unfinished, or killed before their evaluation) are left out.
 """
 
 from __future__ import annotations
@@ -75,10 +76,9 @@ def main() -> None:
     for group in args.groups:
         name, _, spec = group.partition("=")
         runs = [Path(path) for pattern in spec.split(",") for path in sorted(glob.glob(pattern))]
-        runs = [r for r in runs if (r / "metrics.jsonl").exists()]
-        if not runs:
-            raise SystemExit(f"{name}: no run folders with metrics.jsonl in {spec!r}")
-        print(summarize(name, runs))
+        # A run counts once it is finished and evaluated: a killed run (to be resumed) has no eval-best.json.
+        runs = [r for r in runs if (r / "metrics.jsonl").exists() and (r / "eval-best.json").exists()]
+        print(summarize(name, runs) if runs else f"| {name} | 0 | not run | | | | | | |")
 
 
 if __name__ == "__main__":
