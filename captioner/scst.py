@@ -8,10 +8,10 @@ log-probability is weighted by the advantage, reward minus a baseline:
 - "greedy" (the paper's self-critical baseline): the reward of the image's greedy caption;
 - "mean": the mean reward of the image's other N-1 samples (no extra decoding; Luo 2020).
 
-Sampling and the gradient pass both run with dropout off: REINFORCE needs the log-probabilities of the very
-policy that sampled, and that is also the network that decodes at test time. Log-probabilities are taken over
-the tokens decoding may emit (no PAD/START/UNK, no END first, END forced after `max_length` words), exactly
-the distribution the sampler drew from.
+Sampling and the gradient pass both run with dropout off (unless `--scst-dropout`): REINFORCE needs the
+log-probabilities of the very policy that sampled, and that is also the network that decodes at test time.
+Log-probabilities are taken over the tokens decoding may emit (no PAD/START/UNK, no END first, END forced
+after `max_length` words), exactly the distribution the sampler drew from.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def train_one_epoch(
     model: nn.Module,
     decoder: AttentionDecoder,
     loader: DataLoader,
-    references: Sequence[list],
+    references: Sequence[dict[bool, list]],
     cider: CiderD,
     vocab: Vocabulary,
     optimizer: torch.optim.Optimizer,
