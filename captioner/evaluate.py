@@ -51,17 +51,16 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
 
 
 def _decoding_options(args: argparse.Namespace) -> DecodingOptions:
-    num_captions = getattr(args, "num_captions", 1)
-    return DecodingOptions(
+    # `updated` widens the beam to --num-captions: the one rule the service and the Python API share.
+    return DecodingOptions(beam_size=args.beam_size).updated(
         method=args.method,
         max_length=args.max_length,
-        beam_size=max(args.beam_size, num_captions) if args.method == "beam" else args.beam_size,
         length_penalty=args.length_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        num_captions=num_captions,
+        num_captions=getattr(args, "num_captions", 1),
         seed=args.seed,
     )
 

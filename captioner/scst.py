@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .cider import CiderD
 from .coco import ImageRecord, choose_view, flip_caption
-from .decoding import DecodingOptions, Hypothesis, generate
+from .decoding import DecodingOptions, Hypothesis, allowed_logits, generate
 from .distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum
 from .features import FeatureStore
 from .model import AttentionDecoder
@@ -86,18 +86,6 @@ def scst_loss(
     return -weighted.sum() / normalizer
 
 
-def allowed_token_mask(vocab: Vocabulary, steps: int, max_length: int, device: torch.device) -> torch.Tensor:
-    """(T, V) additive mask, 0 where decoding may emit a token at step t, -inf elsewhere: the same rules as
-    `captioner.decoding.allowed_logits`, for a whole teacher-forced sequence at once."""
-    mask = torch.zeros(steps, len(vocab), device=device)
-    mask[:, list(vocab.blocked_ids)] = float("-inf")
-    mask[0, vocab.end_id] = float("-inf")
-    if steps > max_length:
-        mask[max_length:] = float("-inf")
-        mask[max_length:, vocab.end_id] = 0.0
-    return mask
-
-
 def sequence_log_probs(
     logits: torch.Tensor, captions: torch.Tensor, vocab: Vocabulary, max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +94,10 @@ def sequence_log_probs(
     logits (N, T, V), captions (N, T+1) -> log-probs (N, T) (0 at padding), mask (N, T)."""
     targets = captions[:, 1:]
     mask = targets != vocab.pad_id
-    allowed = allowed_token_mask(vocab, logits.size(1), max_length, logits.device)
-    log_probs = F.log_softmax(logits.float() + allowed, dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)
+    # The sampler's own masking rules, step by step (differentiable: they only write -inf into a copy).
+    allowed = torch.stack([allowed_logits(logits[:, t].float(), vocab, t, max_length) for t in range(logits.size(1))],
+                          dim=1)  # (N, T, V)
+    log_probs = F.log_softmax(allowed, dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)
     return torch.where(mask, log_probs, 0.0), mask
 
 
@@ -119,10 +109,6 @@ def captions_tensor(hypotheses: Sequence[Hypothesis], vocab: Vocabulary, device:
     for row, h in enumerate(hypotheses):
         out[row, 1 : len(h.tokens) + 1] = torch.tensor(h.tokens)
     return out.to(device)
-
-
-def _words(hypothesis: Hypothesis, vocab: Vocabulary) -> list[str]:
-    return vocab.decode_words(hypothesis.tokens)
 
 
 def train_one_epoch(
@@ -154,12 +140,12 @@ def train_one_epoch(
         with torch.no_grad():
             seed = int(torch.randint(0, 2**62, ()))  # drawn from the run's RNG: reproducible and resumable
             samples = generate(decoder, features, vocab, replace(sampling, seed=seed))
-            rewards = torch.tensor([[cider.score(_words(h, vocab), references[i][mirrored]) for h in hyps]
+            rewards = torch.tensor([[cider.score(vocab.decode_words(h.tokens), references[i][mirrored]) for h in hyps]
                                     for (i, mirrored), hyps in zip(keys, samples, strict=True)])  # (B, N)
             if args.scst_baseline == "greedy":
                 best = generate(decoder.eval(), features, vocab, greedy)
                 model.train(args.scst_dropout)
-                baseline = torch.tensor([cider.score(_words(hyps[0], vocab), references[i][mirrored])
+                baseline = torch.tensor([cider.score(vocab.decode_words(hyps[0].tokens), references[i][mirrored])
                                          for (i, mirrored), hyps in zip(keys, best, strict=True)]).unsqueeze(1)
             else:  # the mean of the image's other samples
                 baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (samples_per_image - 1)  # (B, N)

@@ -592,11 +592,6 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
         started = time.time()
         # Shuffling depends only on (seed, epoch), and N processes split exactly the permutation one process
         # would use, so a resumed run and a DDP run see the same global batches as a single process.
-        if isinstance(train_set, CaptionDataset):
-            train_set.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size,
-                            sampler=_sampler(train_set, args, env, epoch), collate_fn=collate_captions,
-                            num_workers=args.num_workers, pin_memory=device.type == "cuda")
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         if args.scst:
             scst_images.set_epoch(epoch)
@@ -605,6 +600,11 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
             row.update(scst.train_one_epoch(model, decoder, image_loader, scst_references, cider, vocab, optimizer,
                                             args, epoch, env))
         else:
+            if isinstance(train_set, CaptionDataset):
+                train_set.set_epoch(epoch)
+            loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size,
+                                sampler=_sampler(train_set, args, env, epoch), collate_fn=collate_captions,
+                                num_workers=args.num_workers, pin_memory=device.type == "cuda")
             row.update(train_one_epoch(model, loader, optimizer, args, epoch, env, scaler, amp_dtype))
         scores, predictions = evaluate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size,
                                        env=env)
