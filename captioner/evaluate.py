@@ -28,8 +28,8 @@ def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True
     """Decoding flags shared by caption, evaluate and visualize."""
     g = p.add_argument_group("decoding (defaults chosen on val: beam 2, length penalty 0.5, no repeated bigram)")
     g.add_argument("--method", choices=["greedy", "sample", "beam"], default=RECOMMENDED["method"])
-    g.add_argument("--beam-size", type=int, default=RECOMMENDED["beam_size"],
-                   help="raised to --num-captions when smaller")
+    g.add_argument("--beam-size", type=int, default=None,
+                   help=f"default {RECOMMENDED['beam_size']}, raised to --num-captions when that is larger")
     g.add_argument("--length-penalty", type=float, default=RECOMMENDED["length_penalty"])
     g.add_argument("--no-repeat-ngram", type=int, default=RECOMMENDED["no_repeat_ngram_size"],
                    dest="no_repeat_ngram_size", help="0 allows repeats")
@@ -51,8 +51,11 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
 
 
 def _decoding_options(args: argparse.Namespace) -> DecodingOptions:
-    # `updated` widens the beam to --num-captions: the one rule the service and the Python API share.
-    return DecodingOptions(beam_size=args.beam_size).updated(
+    # `updated` widens the default beam to --num-captions (the one rule the service and the Python API share);
+    # a --beam-size given explicitly is kept, so asking for more captions than it holds is an error.
+    explicit = {} if args.beam_size is None else {"beam_size": args.beam_size}
+    return DecodingOptions(beam_size=RECOMMENDED["beam_size"]).updated(
+        **explicit,
         method=args.method,
         max_length=args.max_length,
         length_penalty=args.length_penalty,

@@ -527,6 +527,10 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
                       fine_tune_blocks=args.fine_tune_blocks).to(device)
     resume, init = _load_start(args, encoder)
     start = resume or init
+    if args.scst and args.scst_dropout and start is not None and start.config.attention == "hard":
+        # In training mode hard attention samples its locations: the sampling pass and the pass that scores the
+        # samples would attend to different places, so the gradient would not be that of the sampled captions.
+        raise SystemExit("--scst-dropout cannot be used with a hard-attention model: drop --scst-dropout")
     vocab = start.vocab if start else build_vocab(train_records, args.vocab_text, args.min_word_count)
     log.info("vocabulary: %d words (min count %d)", len(vocab), args.min_word_count)
 

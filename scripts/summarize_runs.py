@@ -8,6 +8,10 @@ Each group is NAME=RUN_DIR[,RUN_DIR...] (shell globs are expanded). For each run
   official pycocoevalcap metrics with the recommended decoding), when present;
 and prints one markdown row per group: mean +- sample standard deviation over the runs, and the runs' count.
 Runs without eval-best.json (unfinished, or killed before their evaluation) are left out.
+
+With --sweep it prints the decoding table instead, from each run's sweep.json (written by
+`scripts/decoding_sweep.py RUN/best.pt ... --json RUN/sweep.json`): val CIDEr (fast metrics) with the
+recommended decoding, and with the best setting of the sweep chosen for that run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import glob
 import json
 import statistics
 from pathlib import Path
+
+from captioner.decoding import RECOMMENDED
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -62,6 +68,35 @@ def summarize(name: str, runs: list[Path]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _label(decoding: dict) -> str:
+    if decoding["method"] == "greedy":
+        return f"greedy/nr{decoding['no_repeat_ngram_size']}"
+    return f"beam{decoding['beam_size']}/lp{decoding['length_penalty']:g}/nr{decoding['no_repeat_ngram_size']}"
+
+
+def summarize_sweeps(name: str, runs: list[Path]) -> str:
+    recommended, chosen, labels = [], [], []
+    for run in runs:
+        rows = _read_json(run / "sweep.json")
+        if not rows:
+            continue
+        matches = [r for r in rows if all(r["decoding"][k] == v for k, v in RECOMMENDED.items())]
+        if not matches:
+            raise SystemExit(f"{run}/sweep.json has no row with the recommended decoding {RECOMMENDED}")
+        best = max(rows, key=lambda r: r["CIDEr"])
+        recommended.append(matches[0]["CIDEr"])
+        chosen.append(best["CIDEr"])
+        labels.append(_label(best["decoding"]))
+    if not chosen:
+        return f"| {name} | 0 | not run | | |"
+    return f"| {name} | {len(chosen)} | {_mean_sd(recommended)} | {_mean_sd(chosen)} | {' '.join(labels)} |"
+
+
+SWEEP_HEADER = (
+    "| setting | seeds | CIDEr, recommended decoding | CIDEr, decoding chosen per run | chosen per run |\n"
+    "|---|---|---|---|---|"
+)
+
 HEADER = (
     "| setting | seeds | greedy val CIDEr (best epoch) | BLEU-4 | METEOR | CIDEr | CIDEr of averaged.pt "
     "| best epoch / epochs | time per run |\n|---|---|---|---|---|---|---|---|---|"
@@ -71,14 +106,18 @@ HEADER = (
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("groups", nargs="+", help="NAME=RUN_DIR[,RUN_DIR...]")
+    p.add_argument("--sweep", action="store_true", help="the decoding table, from each run's sweep.json")
     args = p.parse_args()
-    print(HEADER)
+    print(SWEEP_HEADER if args.sweep else HEADER)
     for group in args.groups:
         name, _, spec = group.partition("=")
         runs = [Path(path) for pattern in spec.split(",") for path in sorted(glob.glob(pattern))]
         # A run counts once it is finished and evaluated: a killed run (to be resumed) has no eval-best.json.
         runs = [r for r in runs if (r / "metrics.jsonl").exists() and (r / "eval-best.json").exists()]
-        print(summarize(name, runs) if runs else f"| {name} | 0 | not run | | | | | | |")
+        if args.sweep:
+            print(summarize_sweeps(name, runs))
+        else:
+            print(summarize(name, runs) if runs else f"| {name} | 0 | not run | | | | | | |")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,16 @@ def test_evaluate_limit_and_no_java(lite0_checkpoint, coco_mini, capsys):
 def test_impossible_decoding_flags_exit_with_the_reason(coco_mini, capsys):
     with pytest.raises(SystemExit, match="top_p must be in"):
         main(["caption", str(coco_mini / "val" / "000000024585.jpg"), "--top-p", "0"])
+
+
+def test_beam_widens_to_num_captions_only_when_not_given():
+    from captioner.cli import build_parser
+    from captioner.evaluate import decoding_options
+
+    parser = build_parser()
+    widened = decoding_options(parser.parse_args(["caption", "x.jpg", "--num-captions", "4"]))
+    assert (widened.beam_size, widened.num_captions) == (4, 4)
+    kept = decoding_options(parser.parse_args(["caption", "x.jpg", "--beam-size", "6", "--num-captions", "4"]))
+    assert kept.beam_size == 6
+    with pytest.raises(SystemExit, match="at most beam_size"):
+        decoding_options(parser.parse_args(["caption", "x.jpg", "--beam-size", "2", "--num-captions", "4"]))

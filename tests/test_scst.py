@@ -159,3 +159,12 @@ def test_scst_mirrored_views_are_scored_against_mirrored_references():
     as_written, swapped = tokenize(captions[0]), tokenize(captions[0].replace("left", "right"))
     assert cider.score(swapped, references[0][True]) > cider.score(as_written, references[0][True])
     assert cider.score(as_written, references[0][False]) > cider.score(swapped, references[0][False])
+
+
+def test_scst_dropout_is_refused_for_hard_attention(tmp_path, coco_mini):
+    """Sampling and re-scoring would draw different attention locations: not the sampled captions' gradient."""
+    xe = tmp_path / "xe"
+    train.main(_args(tmp_path, coco_mini, xe, epochs=1, attention="hard"))
+    with pytest.raises(SystemExit, match="--scst-dropout"):
+        train.main(_args(tmp_path, coco_mini, tmp_path / "scst", epochs=1, scst=True, init_from=xe / "best.pt",
+                         scst_dropout=True, lr=None))
