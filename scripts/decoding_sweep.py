@@ -45,13 +45,14 @@ def main() -> None:
     for options in settings:
         scores, _ = evaluate(captioner.decoder, records, store, captioner.vocab, options)
         rows.append((scores["CIDEr"], scores["BLEU-4"], options))
+    rows.sort(key=lambda r: -r[0])  # best CIDEr first
     print(f"{'method':>6} {'beam':>4} {'len.pen':>7} {'no-rep':>6} {'BLEU-4':>7} {'CIDEr':>6}")
-    for cider, bleu, o in sorted(rows, key=lambda r: -r[0]):
+    for cider, bleu, o in rows:
         print(f"{o.method:>6} {o.beam_size if o.method == 'beam' else '-':>4} {o.length_penalty:>7} "
               f"{o.no_repeat_ngram_size:>6} {bleu:>7.3f} {cider:>6.3f}")
     if args.json:
         args.json.write_text(json.dumps([{"BLEU-4": bleu, "CIDEr": cider, "decoding": dataclasses.asdict(o)}
-                                         for cider, bleu, o in sorted(rows, key=lambda r: -r[0])], indent=1))
+                                         for cider, bleu, o in rows], indent=1))
 
 
 if __name__ == "__main__":
