@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,13 @@ def gather_objects(obj: Any, env: DistributedEnv) -> list[Any]:
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP and/or torch.compile wrappers."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
 
 
 def shutdown(env: DistributedEnv) -> None:

@@ -29,9 +29,8 @@ from tqdm import tqdm
 from .cider import CiderD
 from .coco import ImageRecord, choose_view, flip_caption
 from .decoding import DecodingOptions, Hypothesis, allowed_logits, generate
-from .distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum
+from .distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum, unwrap_model
 from .features import FeatureStore
-from .model import AttentionDecoder
 from .vocab import Vocabulary, tokenize
 
 BASELINES = ("greedy", "mean")
@@ -113,7 +112,6 @@ def captions_tensor(hypotheses: Sequence[Hypothesis], vocab: Vocabulary, device:
 
 def train_one_epoch(
     model: nn.Module,
-    decoder: AttentionDecoder,
     loader: DataLoader,
     references: Sequence[dict[bool, list]],
     cider: CiderD,
@@ -123,9 +121,10 @@ def train_one_epoch(
     epoch: int,
     env: DistributedEnv = SINGLE_PROCESS,
 ) -> dict[str, float]:
-    """One SCST pass over the training images. `model` is the (possibly DDP-wrapped) CaptionModel holding
-    `decoder`; `references[i]` are record i's prepared references (`reward_scorer`). Returns epoch means over
-    all ranks."""
+    """One SCST pass over the training images. `model` is the (possibly DDP-wrapped) CaptionModel: decoding
+    uses its decoder directly, the gradient pass goes through the wrapper. `references[i]` are record i's
+    prepared references (`reward_scorer`). Returns epoch means over all ranks."""
+    decoder = unwrap_model(model).decoder
     device = next(decoder.parameters()).device
     params = [p for group in optimizer.param_groups for p in group["params"]]
     samples_per_image = args.scst_samples

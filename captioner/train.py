@@ -50,6 +50,7 @@ from .distributed import (
     gather_objects,
     init_distributed,
     shutdown,
+    unwrap_model,
 )
 from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder
 from .features import VIEWS, FeatureStore, build_feature_store
@@ -205,7 +206,7 @@ def train_one_epoch(
     model.train()
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    decoder = _unwrap(model).decoder
+    decoder = unwrap_model(model).decoder
     hard = decoder.config.attention == "hard"
     sums = torch.zeros(3, dtype=torch.float64)  # loss * tokens, cross-entropy * tokens, tokens
     max_norm = 0.0
@@ -256,13 +257,6 @@ def train_one_epoch(
         "train_perplexity": math.exp(ce),
         "max_grad_norm_before_clip": max_norm,
     }
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The CaptionModel inside DDP and/or torch.compile wrappers."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-    return model
 
 
 def _reinforce_baseline(decoder: AttentionDecoder) -> torch.Tensor | None:
@@ -601,8 +595,8 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
             scst_images.set_epoch(epoch)
             image_loader = DataLoader(scst_images, batch_size=args.batch_size // env.world_size,
                                       sampler=_sampler(scst_images, args, env, epoch), collate_fn=scst.collate_images)
-            row.update(scst.train_one_epoch(model, decoder, image_loader, scst_references, cider, vocab, optimizer,
-                                            args, epoch, env))
+            row.update(scst.train_one_epoch(model, image_loader, scst_references, cider, vocab, optimizer, args, epoch,
+                                            env))
         else:
             if isinstance(train_set, CaptionDataset):
                 train_set.set_epoch(epoch)

@@ -113,7 +113,7 @@ def test_scst_raises_the_cider_reward_of_samples(baseline):
     args = argparse.Namespace(scst_samples=6, scst_baseline=baseline, scst_max_length=8, scst_dropout=False,
                               grad_clip=5.0, no_progress=True)
     loader = torch.utils.data.DataLoader(images, batch_size=4, collate_fn=scst.collate_images)
-    rewards = [scst.train_one_epoch(model, decoder, loader, references, cider, vocab, optimizer, args, e)
+    rewards = [scst.train_one_epoch(model, loader, references, cider, vocab, optimizer, args, e)
                ["train_reward_CIDEr"] for e in range(40)]
     assert sum(rewards[-5:]) > 1.6 * sum(rewards[:5]), rewards
 
