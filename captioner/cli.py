@@ -80,17 +80,22 @@ def _pretrain_lm_parser(sub) -> None:
 
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a slim checkpoint for shipping (no optimizer state, optional fp16)",
-                       description="Copy a checkpoint without its training state, optionally in fp16.")
-    p.add_argument("checkpoint", type=Path)
+                       description="Copy a checkpoint without its training state, optionally in fp16; with "
+                                   "--ensemble, write several checkpoints over one backbone and vocabulary as "
+                                   "one ensemble file (their log-probabilities are averaged at every step).")
+    p.add_argument("checkpoints", type=Path, nargs="+", metavar="checkpoint")
+    p.add_argument("--ensemble", action="store_true", help="combine all the given checkpoints into one ensemble")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--half", action="store_true", help="store float weights as fp16 (they load back as fp32)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import ensemble_checkpoints, load_checkpoint, save_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
+    if len(args.checkpoints) > 1 and not args.ensemble:
+        raise SystemExit("several checkpoints: pass --ensemble to combine them into one ensemble file")
+    ckpt = ensemble_checkpoints(args.checkpoints) if args.ensemble else load_checkpoint(args.checkpoints[0])
     save_checkpoint(args.output, ckpt.decoder, ckpt.vocab, ckpt.encoder_name, ckpt.preprocessing,
                     encoder_state=ckpt.encoder_state, metrics=ckpt.metrics, half=args.half)
     print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB")
