@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 
 from service.settings import Settings
-from tests.helpers import running_server
+from tests.helpers import CHROMIUM, require_command, running_server
 
 PHOTO = "000000000790.jpg"  # coco-mini/val
 WINDOW = (1200, 900)
@@ -124,10 +123,7 @@ class DevTools:
 
 
 def find_chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.fail("headless Chromium is needed for the web-page test: `apt-get install chromium` (bash .ci/run does)")
+    return require_command(*CHROMIUM)  # skips with `apt-get install chromium` on a fresh machine, fails in CI
 
 
 @contextmanager
