@@ -34,6 +34,7 @@ from captioner.images import ImageError, open_image
 
 from .auth import API_KEY  # issue 19: optional API keys on /v1/*
 from .batching import CaptionJob, CaptionRunner, MicroBatcher, NotRunning, Overloaded
+from .docs import app_with_offline_docs  # issue 19: /docs without a CDN
 from .schemas import (
     CandidateOut,
     CaptionParams,
@@ -409,7 +410,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app; its model is loaded when the server starts it (lifespan), not here."""
-    app = FastAPI(
+    app = app_with_offline_docs(  # issue 19: /docs assets served from fastapi-offline, not a CDN
         title="captioner",
         summary="Show, Attend and Tell image captioning over HTTP",
         description="Caption an image with `POST /v1/captions`; the web page is at `/`. Errors are always "

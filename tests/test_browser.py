@@ -52,13 +52,16 @@ class DevTools:
         while self._file.readline() not in (b"\r\n", b""):  # rest of the handshake's headers
             pass
         self._next_id = 0
+        self.events: list[dict] = []  # protocol events (e.g. Network.requestWillBeSent) seen so far
 
     def call(self, method: str, **params: Any) -> dict:
         self._next_id += 1
         self._send(json.dumps({"id": self._next_id, "method": method, "params": params}).encode())
-        while True:  # events arrive in between; only our answer matters here
+        while True:  # events arrive in between: kept for the tests that look at them
             message = json.loads(self._receive())
-            if message.get("id") == self._next_id:
+            if "method" in message:
+                self.events.append(message)
+            elif message.get("id") == self._next_id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message.get("result", {})
@@ -127,14 +130,14 @@ def find_chromium() -> str:
 
 
 @contextmanager
-def chromium(profile: Path) -> Iterator[DevTools]:
+def chromium(profile: Path, extra_args: tuple[str, ...] = ()) -> Iterator[DevTools]:
     """Headless Chromium with a throwaway profile, no network of its own; yields a DevTools client on its tab."""
     command = [
         find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
         "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-extensions", "--hide-scrollbars",
         "--mute-audio", f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={profile}",
-        "--remote-debugging-port=0", "about:blank",
+        "--remote-debugging-port=0", *extra_args, "about:blank",
     ]
     log = (profile.parent / "chromium.log").open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
