@@ -35,6 +35,7 @@ from captioner.images import ImageError, open_image
 from .auth import API_KEY  # issue 19: optional API keys on /v1/*
 from .batching import CaptionJob, CaptionRunner, MicroBatcher, NotRunning, Overloaded
 from .docs import app_with_offline_docs  # issue 19: /docs without a CDN
+from .draining import DrainUnreadBody  # issue 19: bounded drain after an early answer
 from .schemas import (
     CandidateOut,
     CaptionParams,
@@ -421,6 +422,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings if settings is not None else Settings()
     app.state.batcher = None
     install_error_handlers(app)
+    # issue 19: early answers (413, 401, ...) reach clients that send the whole body first (service/draining.py)
+    app.add_middleware(DrainUnreadBody, max_bytes=app.state.settings.drain_max_bytes,
+                       timeout_s=app.state.settings.drain_timeout_s)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

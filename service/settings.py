@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)  # whole request body, multipart framing included
     max_pixels: int = Field(40_000_000, ge=1)  # width * height, checked from the header before decoding
     upload_timeout_s: float = Field(30.0, gt=0)  # a client that trickles its body is cut off (408)
+    # After an early answer (413, 401, ...), the unread rest of the body is read and discarded, never kept, up to
+    # these bounds, so that clients that send everything before reading (urllib) see the answer (service/draining.py).
+    drain_max_bytes: int = Field(128 * 1024 * 1024, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
 
     # Access: with keys set, /v1/* needs `Authorization: Bearer KEY` or `X-API-Key: KEY` (service/auth.py); the
     # health probes, the web page and its static files stay open. CAPTIONER_API_KEYS="key1,key2". Empty: open.
