@@ -10,12 +10,17 @@ import pytest
 
 from service.settings import Settings
 from tests.helpers import running_server
-from tests.test_browser import DevTools, chromium
+from tests.test_browser import DevTools, chromium, find_chromium
 
 PHOTO = "000000000790.jpg"  # coco-mini/val
 KEY = "browser-key-5e0c2a"
 # Every host name but 127.0.0.1 fails to resolve: a page that needs a CDN stays blank here, as it does offline.
 OFFLINE = ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def needs_chromium() -> None:
+    find_chromium()  # skip (or fail under CI=true) before a server is started for nothing
 
 
 @pytest.fixture(scope="module")
