@@ -32,7 +32,10 @@ from captioner.api import Captioner, load_captioner
 from captioner.decoding import DecodingOptions
 from captioner.images import ImageError, open_image
 
+from .auth import API_KEY  # issue 19: optional API keys on /v1/*
 from .batching import CaptionJob, CaptionRunner, MicroBatcher, NotRunning, Overloaded
+from .docs import app_with_offline_docs  # issue 19: /docs without a CDN
+from .draining import DrainUnreadBody  # issue 19: bounded drain after an early answer
 from .schemas import (
     CandidateOut,
     CaptionParams,
@@ -68,7 +71,7 @@ IMAGE_ERRORS = {  # ImageError.kind -> (status, code)
 
 STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
                 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_parameters",
-                500: "internal_error", 503: "unavailable"}
+                500: "internal_error", 503: "unavailable", 401: "unauthorized"}
 
 
 def error_response(status: int, code: str, message: str, details: list | None = None,
@@ -223,6 +226,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "corrupt or truncated image, malformed upload",
+        401: "an API key is required (CAPTIONER_API_KEYS is set) and none, or a wrong one, was sent",
         408: "the upload took longer than upload_timeout_s",
         413: "body over the upload limit, or an image over the pixel limit (decompression bomb)",
         415: "not an image, or a content type other than multipart/form-data or image/*",
@@ -280,6 +284,7 @@ def _ms(seconds: float) -> float:
     responses=ERROR_RESPONSES,
     openapi_extra=UPLOAD_BODY,
     summary="Caption an image",
+    dependencies=API_KEY,
 )
 async def create_caption(request: Request, params: Annotated[CaptionParams, Query()]) -> JSONResponse:
     """Upload an image as multipart field `image` (parameters in the query string or as form fields), or as a
@@ -355,7 +360,7 @@ async def readyz(request: Request) -> HealthResponse:
     return HealthResponse(status="ok", model=_model_out(request.app.state.captioner))
 
 
-@router.get("/v1/stats", summary="Micro-batching counters")
+@router.get("/v1/stats", summary="Micro-batching counters", dependencies=API_KEY)
 async def stats(request: Request) -> dict[str, Any]:
     batcher: MicroBatcher | None = getattr(request.app.state, "batcher", None)
     if batcher is None:
@@ -406,7 +411,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app; its model is loaded when the server starts it (lifespan), not here."""
-    app = FastAPI(
+    app = app_with_offline_docs(  # issue 19: /docs assets served from fastapi-offline, not a CDN
         title="captioner",
         summary="Show, Attend and Tell image captioning over HTTP",
         description="Caption an image with `POST /v1/captions`; the web page is at `/`. Errors are always "
@@ -417,6 +422,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings if settings is not None else Settings()
     app.state.batcher = None
     install_error_handlers(app)
+    # issue 19: early answers (413, 401, ...) reach clients that send the whole body first (service/draining.py)
+    app.add_middleware(DrainUnreadBody, max_bytes=app.state.settings.drain_max_bytes,
+                       timeout_s=app.state.settings.drain_timeout_s)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
