@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import evaluate, lm, train
-from .evaluate import add_decoding_arguments, decoding_options
+from .evaluate import add_decoding_arguments, add_engine_arguments, decoding_options, engine_options
 
 
 def _caption_parser(sub) -> None:
@@ -18,23 +18,24 @@ def _caption_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    add_engine_arguments(p)
     add_decoding_arguments(p)
     p.set_defaults(func=_run_caption)
 
 
 def _run_caption(args: argparse.Namespace) -> int:
     from .api import load_captioner
-    from .images import ImageError, open_image
+    from .images import ImageError
 
     options = decoding_options(args)
-    captioner = load_captioner(args.checkpoint, device=args.device)
+    captioner = load_captioner(args.checkpoint, device=args.device, **engine_options(args))
     failures = 0
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start : start + args.batch_size]
         opened, errors = [], {}
         for path in paths:
             try:
-                opened.append((path, open_image(path)))
+                opened.append((path, captioner.open(path)))
             except ImageError as exc:
                 errors[path] = str(exc)
         results = iter(captioner.caption([im for _, im in opened], options)) if opened else iter(())
@@ -138,6 +139,7 @@ def _visualize_parser(sub) -> None:
     p.add_argument("--columns", type=int, default=5, help="panels per row")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
     p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x H' x W') and betas as JSON")
+    add_engine_arguments(p)
     add_decoding_arguments(p, num_captions=False)
     p.set_defaults(func=_run_visualize)
 

@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     """Caption each image, write its figure (and JSON), print what was written. Exit 1 if any image failed,
     2 on bad arguments; the good images are rendered either way."""
     from .api import load_captioner
-    from .evaluate import decoding_options
+    from .evaluate import decoding_options, engine_options
     from .images import ImageError, open_image
 
     try:
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"captioner visualize: error: {exc}", file=sys.stderr)
         return 2
-    captioner = load_captioner(args.checkpoint, device=args.device)
+    captioner = load_captioner(args.checkpoint, device=args.device, **engine_options(args))
     failures = 0
     for image_path, out_path in zip(args.images, outputs, strict=True):
         try:
