@@ -110,10 +110,15 @@ class OnnxEncoderEngine:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0].name
 
+    # Images per session run. Like eager torch, a batch of 448-px images is slower per image than single images
+    # on CPU (activations outgrow the caches; measured 2.2x in benchmarks/caption_latency.py), so one at a time.
+    max_batch = 1
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        (features,) = self.session.run(None, {self._input: pixels})
-        return torch.from_numpy(features)
+        chunks = [self.session.run(None, {self._input: pixels[i : i + self.max_batch]})[0]
+                  for i in range(0, len(pixels), self.max_batch)]
+        return torch.from_numpy(np.concatenate(chunks) if len(chunks) > 1 else chunks[0])
 
 
 def make_encoder_engine(
@@ -289,18 +294,30 @@ def _file_sha256(path: Path) -> str:
 # The decoder: int8 weights for the CPU step.
 
 
+# The layers every decoding step runs whose weights dominate its bytes (LSTM ~4M, output ~0.5M). Left in fp32: the
+# attention scorer and gate (a few hundred weights, applied to every location: quantising their input each step
+# costs more than it saves) and what runs once per image (feature projection, h0/c0, class head).
+QUANTIZED_STEP_LAYERS = ("cells", "attention.hidden_proj", "out_hidden", "out_context", "out_vocab")
+
+
 def quantize_decoder_for_cpu(decoder: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `decoder` whose LSTM/GRU cells and linear layers keep int8 weights (dynamic quantisation:
-    activations are quantised on the fly per step). At batch 1-16 a step is bound by reading its ~4M weights,
-    so a quarter of the bytes makes it ~3x faster on CPU; val CIDEr moves by less than 0.01
+    """A copy of `decoder` whose per-step LSTM/GRU cells and large linear layers keep int8 weights (dynamic
+    quantisation: activations are quantised on the fly). At batch 1-16 a step is bound by reading its ~4M
+    weights, so a quarter of the bytes makes it ~3x faster on CPU; val CIDEr moves by less than 0.01
     (docs/performance.md). The original decoder is left untouched. Same `init_state` / `step` interface."""
     import copy
 
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     quantized = copy.deepcopy(decoder).cpu().eval()
+    kinds = (torch.nn.Linear, torch.nn.LSTMCell, torch.nn.GRUCell)
+    chosen = {
+        name: per_channel_dynamic_qconfig
+        for name, module in quantized.named_modules()
+        if isinstance(module, kinds) and any(name == p or name.startswith(p + ".") for p in QUANTIZED_STEP_LAYERS)
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization's move notice
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
-        return quantize_dynamic(quantized, {torch.nn.Linear, torch.nn.LSTMCell, torch.nn.GRUCell}, dtype=torch.qint8)
+        return quantize_dynamic(quantized, chosen, dtype=torch.qint8)

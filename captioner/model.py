@@ -87,6 +87,13 @@ class DecoderState:
         return DecoderState(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
 
 
+def fast_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) = 2 sigmoid(2x) - 1, to ~1e-7 absolute. At inference the attention applies tanh to B x L x A values
+    every step, the largest elementwise op of a step, and this torch build's CPU tanh is ~4x slower than its
+    sigmoid (measured: 856 vs 201 us on 2 x 196 x 256). Training keeps torch.tanh and its exact gradient."""
+    return torch.sigmoid(x * 2).mul_(2).sub_(1)
+
+
 class SoftAttention(nn.Module):
     """e_ti = w^T tanh(W_a a_i + W_h h_{t-1}), alpha_t = softmax_i(e_ti) (Bahdanau-style MLP)."""
 
@@ -101,7 +108,8 @@ class SoftAttention(nn.Module):
         self, features: torch.Tensor, projected_features: torch.Tensor, hidden: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # features (B, L, D), projected_features (B, L, A), hidden (B, H)
-        energy = self.score(torch.tanh(projected_features + self.hidden_proj(hidden).unsqueeze(1)))  # (B, L, 1)
+        pre_activation = projected_features + self.hidden_proj(hidden).unsqueeze(1)  # (B, L, A)
+        energy = self.score(torch.tanh(pre_activation) if self.training else fast_tanh(pre_activation))  # (B, L, 1)
         alpha = F.softmax(energy.squeeze(2), dim=1)  # (B, L)
         context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
         return context, alpha
