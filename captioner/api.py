@@ -115,8 +115,16 @@ class Captioner:
     def caption_features(self, features: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:
         """features (B, L, D) -> one CaptionResult per image."""
         results = []
+        features = features.to(self.device)
         with torch.inference_mode(), self._decoding_threads():
-            generated = generate(self.step_decoder, features.to(self.device), self.vocab, options)
+            if self.quantized:
+                # Dynamic int8 quantises each step's activations with one scale per tensor, so rows decoded
+                # together would shape each other's rounding: an image's caption would depend on its batch-mates
+                # (the service's micro-batches). One image at a time (its beams together) keeps it its own.
+                generated = [hyps for image in features.split(1)
+                             for hyps in generate(self.step_decoder, image, self.vocab, options)]
+            else:
+                generated = generate(self.step_decoder, features, self.vocab, options)
         for hyps in generated:
             candidates = [self._candidate(h) for h in hyps]
             results.append(CaptionResult(candidates[0].caption, candidates, self.grid))
