@@ -65,8 +65,8 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         index = self.indices[i]
         try:
-            image = open_image(self.paths[index], draft_size=self.preprocessing.image_size)
-            return index, self.preprocessing(self.view(image)), None
+            # Full-resolution decoding (no JPEG draft): cached features stay exactly those of before.
+            return index, self.preprocessing(self.view(open_image(self.paths[index]))), None
         except ImageError as exc:
             return index, None, str(exc)
 
