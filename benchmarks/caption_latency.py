@@ -133,7 +133,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     args = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each figure as soon as it is measured
 
     photos = sorted(args.images.glob("*.jpg"))[:16]
     specs = []
@@ -149,7 +151,7 @@ def main() -> None:
               f"{'total':>8}   ms per image")
         totals: dict[tuple, float] = {}
         stage: dict[tuple, float] = {}
-        for batch in (1, 16):
+        for batch in args.batch_sizes:
             runs = rounds(workers, args.repeats, photos[:batch])
             for w in workers:
                 r = runs[w.name]
@@ -163,7 +165,7 @@ def main() -> None:
             report["pipelines"][f"batch{batch}"] = {w.name: runs[w.name] for w in workers}
 
         print("\nratios (default engine / torch eager, this code):")
-        for batch in (1, 16):
+        for batch in args.batch_sizes:
             enc = stage[("default", batch, "encoder")] / stage[("torch", batch, "encoder")]
             parts = [f"encoder {enc:.2f}x"]
             for m in METHODS:
