@@ -3,7 +3,10 @@
 Two `uvicorn service.app:app` subprocesses, one with micro-batching (max_batch 16) and one with max_batch 1 (one
 request through the model at a time). At each concurrency level, a bounded number of caption requests (real
 photos, multipart uploads) goes to each in turn from that many concurrent clients; it prints requests/s,
-p50/p95 latency and the mean batch size the server formed.
+p50/p95 latency and the mean batch size the server formed. Between levels, the bare pipeline (the same model,
+engine and decoding in a plain process: open, preprocess, encode, decode, batches of --batch-size, no HTTP) is
+timed on the same photos, and the last lines give each mode's images/s at the highest concurrency as a share of
+the bare pipeline's, measured in the same run.
 
     python benchmarks/load_service.py --checkpoint captioner/weights/captioner-default.pt
     python benchmarks/load_service.py --checkpoint runs/mini/best.pt --concurrency 1 4 16 --requests 32
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,6 +91,8 @@ def start_server(args: argparse.Namespace, max_batch: int, port: int) -> subproc
         env["CAPTIONER_ENCODER_BATCH"] = str(args.encoder_batch)
     if args.torch_threads:
         env["CAPTIONER_TORCH_THREADS"] = str(args.torch_threads)
+    if args.engine:
+        env["CAPTIONER_ENGINE"] = args.engine
     command = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning"]
     process = subprocess.Popen(command, env=env, cwd=REPO)
@@ -131,26 +138,85 @@ async def run_level(base_url: str, photos: list[tuple[str, bytes]], concurrency:
     return Row("", concurrency, total, seconds, latencies, mean_batch)
 
 
+BARE = r'''
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import torch
+from captioner.api import load_captioner
+from service.settings import Settings
+
+settings = Settings()  # the same CAPTIONER_* environment as the servers
+if settings.torch_threads:
+    torch.set_num_threads(settings.torch_threads)
+captioner = load_captioner(settings.checkpoint, settings.device, engine=settings.engine)
+options = settings.default_decoding()
+paths, batch = json.loads(sys.argv[1]), int(sys.argv[2])
+for line in sys.stdin:
+    total = int(line)
+    started = time.perf_counter()
+    for start in range(0, total, batch):
+        chunk = [paths[i % len(paths)] for i in range(start, min(start + batch, total))]
+        captioner.caption([captioner.open(p) for p in chunk], options)
+    print(time.perf_counter() - started, flush=True)
+'''
+
+
+class BarePipeline:
+    """The model without the service, in its own process: images/s of open + preprocess + encode + decode."""
+
+    def __init__(self, args: argparse.Namespace, paths: list[Path]):
+        env = {**os.environ, "CAPTIONER_CHECKPOINT": str(args.checkpoint), "CAPTIONER_METHOD": args.method}
+        if args.engine:
+            env["CAPTIONER_ENGINE"] = args.engine
+        if args.torch_threads:
+            env["CAPTIONER_TORCH_THREADS"] = str(args.torch_threads)
+        self.process = subprocess.Popen([sys.executable, "-c", BARE, json.dumps([str(p) for p in paths]),
+                                         str(args.batch_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env, cwd=REPO)
+
+    def images_per_second(self, total: int) -> float:
+        self.process.stdin.write(f"{total}\n")
+        self.process.stdin.flush()
+        return total / float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
 def benchmark(args: argparse.Namespace, photos: list[tuple[str, bytes]]) -> list[Row]:
     """Both servers stay up and the modes alternate at every level, so a change in machine load between levels
     (other processes on a shared box) hits both modes alike instead of biasing one."""
     modes = [(f"micro-batching (max {args.batch_size})", args.batch_size), ("one at a time", 1)]
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    bare = BarePipeline(args, sorted(args.images.glob("*.jpg")))
+    bare_rates: list[float] = []
     try:
+        bare.images_per_second(args.warmup)
         for mode, max_batch in modes:
             port = free_port()
             servers[mode] = (start_server(args, max_batch, port), f"http://127.0.0.1:{port}")
             asyncio.run(run_level(servers[mode][1], photos, 1, args.warmup))  # first calls pay lazy set-up
         rows = []
         for concurrency in args.concurrency:
+            total = max(args.requests, 2 * concurrency)
             for mode, _ in modes:
-                total = max(args.requests, 2 * concurrency)
                 row = asyncio.run(run_level(servers[mode][1], photos, concurrency, total))
                 row.mode = mode
                 print(format_row(row), flush=True)
                 rows.append(row)
+            bare_rates.append(bare.images_per_second(total))
+        bare_rate = statistics.median(bare_rates)
+        print(f"\nbare pipeline (no HTTP, batches of {args.batch_size}): {bare_rate:.2f} images/s "
+              f"(median of {len(bare_rates)}, one run between levels)")
+        top = max(args.concurrency)
+        for row in rows:
+            if row.concurrency == top:
+                print(f"{row.mode} at concurrency {top}: {row.throughput / bare_rate:.0%} of the bare pipeline's "
+                      "images/s (target >= 85%)")
         return rows
     finally:
+        bare.close()
         for process, _ in servers.values():
             process.terminate()
             process.wait(timeout=30)
@@ -176,7 +242,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16, help="max_batch of the micro-batching run")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
-    p.add_argument("--method", default="greedy", choices=["greedy", "beam", "sample"])
+    p.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"],
+                   help="beam: the service's default decoding (beam 2, length penalty 0.5, no repeated bigram)")
+    p.add_argument("--engine", default=None, choices=["auto", "onnx", "torch"], help="default: the server's (auto)")
     p.add_argument("--encoder-batch", type=int, default=None, help="images per CNN pass (default: the server's)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per server (default: one a core)")
     return p
@@ -191,7 +259,8 @@ def main(args: argparse.Namespace) -> None:
             captions = args.images.parent / "annotations" / "captions_train.json"
             args.checkpoint = untrained_checkpoint(Path(folder) / "untrained.pt", captions)
         print(f"checkpoint {args.checkpoint}, {len(photos)} photos from {args.images}, method {args.method}, "
-              f"max_wait_ms {args.max_wait_ms}, encoder_batch {args.encoder_batch or 'default'}, "
+              f"engine {args.engine or 'auto'}, max_wait_ms {args.max_wait_ms}, "
+              f"encoder_batch {args.encoder_batch or 'default'}, "
               f"torch_threads {args.torch_threads or 'default'}, {os.cpu_count()} CPU cores\n")
         print(HEADER, flush=True)
         benchmark(args, photos)

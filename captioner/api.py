@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_digest, load_checkpoint
 from .decoding import RECOMMENDED, DecodingOptions, Hypothesis, generate
 from .encoder import Encoder, prepare_cpu_inference
+from .engine import make_encoder_engine, quantize_decoder_for_cpu
 from .images import DEFAULT_MAX_PIXELS, open_image
 
 
@@ -44,15 +46,38 @@ class CaptionResult:
 
 
 class Captioner:
-    """Encoder + decoder + vocabulary, ready to caption PIL images or image files."""
+    """Encoder + decoder + vocabulary, ready to caption PIL images or image files.
 
-    def __init__(self, checkpoint: Checkpoint, encoder: Encoder, device: torch.device | str = "cpu"):
+    `engine` runs the encoder ("auto": ONNX Runtime on CPU when installed, else eager torch; see
+    captioner/engine.py). With the onnx engine the decoder used for generation is, unless `quantize_decoder=False`,
+    an int8 dynamically quantised copy (within 0.01 CIDEr of fp32, docs/performance.md) that decodes on one
+    thread; `self.decoder` stays the fp32 model either way (perplexity, training tools)."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        encoder: Encoder,
+        device: torch.device | str = "cpu",
+        engine: str = "auto",
+        quantize_decoder: bool | None = None,
+        cache_dir: str | Path | None = None,
+    ):
         self.device = torch.device(device)
         self.checkpoint = checkpoint
         self.vocab = checkpoint.vocab
         self.decoder = checkpoint.decoder.to(self.device).eval()
         self.encoder = encoder.to(self.device).eval()
-        self.grid = self.encoder.grid_size()
+        self.encoder_engine = make_encoder_engine(self.encoder, engine, cache_dir)
+        self.engine = self.encoder_engine.name  # what "auto" resolved to: "onnx" or "torch"
+        fast_cpu = self.engine == "onnx"
+        self.quantized = fast_cpu if quantize_decoder is None else quantize_decoder
+        if self.quantized and self.device.type != "cpu":
+            raise ValueError("the int8 decoder runs on CPU only")
+        # The decoder that generates: small matrices and ~20 dependent steps, so on CPU one thread beats two
+        # (thread hand-offs cost more than they save; measured in benchmarks/caption_latency.py).
+        self.step_decoder = quantize_decoder_for_cpu(self.decoder) if self.quantized else self.decoder
+        self.decoder_threads = 1 if fast_cpu else None
+        self.grid = self.encoder_engine.grid
         self.name = checkpoint.path.stem if checkpoint.path else "captioner"
         self.version = checkpoint_digest(checkpoint.path) if checkpoint.path else "unsaved"
 
@@ -60,11 +85,18 @@ class Captioner:
     def preprocessing(self):
         return self.encoder.preprocessing
 
-    @torch.no_grad()
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> features (B, L, D)."""
-        batch = torch.stack([self.preprocessing(im) for im in images]).to(self.device)
-        return self.encoder.encode(batch)
+        return self.encode_pixels(torch.stack([self.preprocessing(im) for im in images]))
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, S, S) -> features (B, L, D) through the engine."""
+        return self.encoder_engine(pixels.to(self.device))
+
+    def open(self, source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """`open_image` at no more resolution than this model uses (big JPEGs decode at reduced scale)."""
+        return open_image(source, max_pixels, draft_size=self.preprocessing.image_size)
 
     def caption(
         self,
@@ -78,7 +110,7 @@ class Captioner:
             options = DecodingOptions(**RECOMMENDED).updated(**decoding)
         elif decoding:
             raise TypeError("pass either options or decoding keywords, not both")
-        pil = [im if isinstance(im, Image.Image) else open_image(im, DEFAULT_MAX_PIXELS) for im in images]
+        pil = [im if isinstance(im, Image.Image) else self.open(im) for im in images]
         if not pil:
             return []
         return self.caption_features(self.encode(pil), options)
@@ -86,10 +118,32 @@ class Captioner:
     def caption_features(self, features: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:
         """features (B, L, D) -> one CaptionResult per image."""
         results = []
-        for hyps in generate(self.decoder, features, self.vocab, options):
+        features = features.to(self.device)
+        with torch.inference_mode(), self._decoding_threads():
+            if self.quantized:
+                # Dynamic int8 quantises each step's activations with one scale per tensor, so rows decoded
+                # together would shape each other's rounding: an image's caption would depend on its batch-mates
+                # (the service's micro-batches). One image at a time (its beams together) keeps it its own.
+                generated = [hyps for image in features.split(1)
+                             for hyps in generate(self.step_decoder, image, self.vocab, options)]
+            else:
+                generated = generate(self.step_decoder, features, self.vocab, options)
+        for hyps in generated:
             candidates = [self._candidate(h) for h in hyps]
             results.append(CaptionResult(candidates[0].caption, candidates, self.grid))
         return results
+
+    @contextmanager
+    def _decoding_threads(self) -> Iterator[None]:
+        if self.decoder_threads is None or self.device.type != "cpu":
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(min(before, self.decoder_threads))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def _candidate(self, hyp: Hypothesis) -> Candidate:
         return Candidate(
@@ -102,10 +156,20 @@ class Captioner:
 
 
 def load_captioner(
-    path: str | Path | None = None, device: str | torch.device = "cpu", pretrained_encoder: bool = True
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    pretrained_encoder: bool = True,
+    engine: str = "auto",
+    quantize_decoder: bool | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Captioner:
     """Load a checkpoint (default: the shipped model) with its encoder. `pretrained_encoder=False` builds the
-    backbone with random weights (tests); a fine-tuned encoder's weights always come from the checkpoint."""
+    backbone with random weights (tests); a fine-tuned encoder's weights always come from the checkpoint.
+
+    `engine`: "auto" (ONNX Runtime on CPU when installed, else torch), "onnx" or "torch" (eager PyTorch, fp32
+    throughout: the reference). `quantize_decoder`: None = int8 decoder with the onnx engine only; False keeps
+    fp32. `cache_dir`: where exported encoder graphs are kept (default $CAPTIONER_CACHE_DIR or
+    ~/.cache/captioner)."""
     path = Path(path) if path is not None else default_checkpoint_path()
     if not path.exists() and path == default_checkpoint_path():
         raise CheckpointError(
@@ -127,4 +191,4 @@ def load_captioner(
             f"{path}: preprocessing mismatch: checkpoint expects {checkpoint.preprocessing}, "
             f"backbone {checkpoint.encoder_name} provides {encoder.preprocessing}"
         )
-    return Captioner(checkpoint, encoder, device)
+    return Captioner(checkpoint, encoder, device, engine, quantize_decoder, cache_dir)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import evaluate, lm, train
-from .evaluate import add_decoding_arguments, decoding_options
+from .evaluate import add_decoding_arguments, add_engine_arguments, decoding_options, engine_options
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,7 @@ def _caption_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16, help="images per pass through the model")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    add_engine_arguments(p)
     add_decoding_arguments(p)
     p.set_defaults(func=_run_caption)
 
@@ -42,12 +43,12 @@ def _run_caption(args: argparse.Namespace) -> int:
         return 2
     options = decoding_options(args)
     paths, skipped = find_images(args.images, args.recursive)
-    captioner = load_captioner(args.checkpoint, device=args.device)
+    captioner = load_captioner(args.checkpoint, device=args.device, **engine_options(args))
     failures = 0
     with progress_bar(len(paths), args.progress) as bar:
         for item in skipped:
             emit(bar, *_skip_line(item.path, item.reason, args.json))
-        for batch in read_batches(paths, args.batch_size):
+        for batch in read_batches(paths, args.batch_size, captioner.open):
             readable = [(path, image) for path, image in batch if not isinstance(image, Exception)]
             results = iter(captioner.caption([im for _, im in readable], options)) if readable else iter(())
             for path, image in batch:  # keep the order the user gave
@@ -164,6 +165,7 @@ def _visualize_parser(sub) -> None:
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
     p.add_argument("--batch-size", type=int, default=8, help="images per pass through the model")
     p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x H' x W') and betas as JSON")
+    add_engine_arguments(p)
     add_decoding_arguments(p, num_captions=False)
     p.set_defaults(func=_run_visualize)
 

@@ -208,12 +208,14 @@ def _decode_stepwise(decoder, features, vocab, max_length, choose, no_repeat_ngr
 def ban_repeated_ngrams(scores: torch.Tensor, histories: list[list[int]], n: int) -> None:
     """In place: -inf for every token that would repeat an n-gram of its row's history. scores (N, V).
     (END is never banned: blocking must not be able to stop a caption from ending.)"""
+    rows: list[int] = []
+    columns: list[int] = []
     for row, past in enumerate(histories):
-        banned = _banned_ngram_tokens(past, n)
-        if banned:
-            end = scores[row, END_ID].clone()
-            scores[row, list(banned)] = float("-inf")
-            scores[row, END_ID] = end
+        banned = _banned_ngram_tokens(past, n) - {END_ID}
+        rows += [row] * len(banned)
+        columns += banned
+    if columns:  # one indexed write for the whole batch: this runs at every step of every method
+        scores[rows, columns] = float("-inf")
 
 
 def _banned_ngram_tokens(history: list[int], n: int) -> set[int]:

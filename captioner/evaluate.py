@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .api import Captioner, load_captioner
 from .coco import ImageRecord, load_coco_captions, load_karpathy_split
 from .decoding import RECOMMENDED, DecodingOptions
+from .engine import ENGINES
 from .features import ImageFileDataset
 from .metrics import coco_scores, fast_scores, java_available
 
@@ -40,6 +41,21 @@ def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True
     g.add_argument("--seed", type=int, default=None)
     if num_captions:
         g.add_argument("--num-captions", type=int, default=1)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """How the model runs (caption, evaluate, visualize): see captioner/engine.py and docs/performance.md."""
+    g = p.add_argument_group("inference engine")
+    g.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="auto (default): ONNX Runtime for the encoder on CPU when installed, with an int8 decoder; "
+                        "torch: eager PyTorch in fp32 throughout")
+    g.add_argument("--fp32-decoder", action="store_true",
+                   help="with the onnx engine, keep the decoder in fp32 instead of int8")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags as load_captioner keywords."""
+    return {"engine": args.engine, "quantize_decoder": False if args.fp32_decoder else None}
 
 
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:
@@ -85,6 +101,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--trivial-baseline", type=Path, metavar="TRAIN_CAPTIONS",
                    help="score no model: give every image the most frequent caption of this COCO captions file")
+    add_engine_arguments(p)
     add_decoding_arguments(p, num_captions=False)
     return p
 
@@ -100,7 +117,7 @@ def load_eval_records(args: argparse.Namespace) -> list[ImageRecord]:
     return records[: args.limit] if args.limit else records
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_captioner(
     captioner: Captioner,
     records: Sequence[ImageRecord],
@@ -122,7 +139,7 @@ def evaluate_captioner(
         good = [(records[i], x) for i, x, _ in batch if x is not None]
         if not good:
             continue
-        features = captioner.encoder.encode(torch.stack([x for _, x in good]).to(captioner.device))  # (B, L, D)
+        features = captioner.encode_pixels(torch.stack([x for _, x in good]))  # (B, L, D)
         for (record, _), result in zip(good, captioner.caption_features(features, options), strict=True):
             predictions[record.image_id] = result.caption
         ce, tokens = reference_cross_entropy(captioner.decoder, features, [r.captions for r, _ in good],
@@ -153,7 +170,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result = {**scores, "images": len(references), "baseline_caption": caption}
         print(json.dumps(result) if args.json else "\n".join(f"{k:>18}: {v}" for k, v in result.items()))
         return result
-    captioner = load_captioner(args.checkpoint, device=args.device)
+    captioner = load_captioner(args.checkpoint, device=args.device, **engine_options(args))
     options = decoding_options(args)
     predictions, perplexity, errors = evaluate_captioner(
         captioner, records, options, args.batch_size, args.num_workers, progress=not args.json
@@ -169,6 +186,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "images": len(predictions),
         "unreadable_images": len(errors),
         "decoding": {k: v for k, v in vars(options).items()},
+        "engine": captioner.engine,
+        "decoder": "int8" if captioner.quantized else "fp32",
         "checkpoint": str(captioner.checkpoint.path),
     }
     if args.results:

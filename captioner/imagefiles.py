@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,25 +67,28 @@ def find_images(inputs: Sequence[Path], recursive: bool = False) -> tuple[list[P
     return images, skipped
 
 
-def read_batches(paths: Sequence[Path], batch_size: int) -> Iterator[list[tuple[Path, Image.Image | ImageError]]]:
+def read_batches(
+    paths: Sequence[Path], batch_size: int, opener: Callable[[Path], Image.Image] = open_image
+) -> Iterator[list[tuple[Path, Image.Image | ImageError]]]:
     """Yield batches of (path, RGB image or the ImageError that explains why not), in order. The next batch is
-    decoded in a thread meanwhile (PIL releases the GIL while decoding), so the model rarely waits for the disk."""
+    decoded in a thread meanwhile (PIL releases the GIL while decoding), so the model rarely waits for the disk.
+    `opener` reads one file (`Captioner.open` decodes big JPEGs at no more resolution than the model uses)."""
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
     batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-images") as reader:
-        pending: Future | None = reader.submit(_read, batches[0]) if batches else None
+        pending: Future | None = reader.submit(_read, batches[0], opener) if batches else None
         for k in range(len(batches)):
             current = pending.result()
-            pending = reader.submit(_read, batches[k + 1]) if k + 1 < len(batches) else None
+            pending = reader.submit(_read, batches[k + 1], opener) if k + 1 < len(batches) else None
             yield current
 
 
-def _read(paths: list[Path]) -> list[tuple[Path, Image.Image | ImageError]]:
+def _read(paths: list[Path], opener: Callable[[Path], Image.Image]) -> list[tuple[Path, Image.Image | ImageError]]:
     out: list[tuple[Path, Image.Image | ImageError]] = []
     for path in paths:
         try:
-            out.append((path, open_image(path)))
+            out.append((path, opener(path)))
         except ImageError as exc:
             out.append((path, exc))
     return out

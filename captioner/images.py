@@ -31,8 +31,15 @@ class ImageError(ValueError):
         self.kind = kind  # "not_image" | "corrupt" | "too_large"
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open a path or bytes as RGB, raising ImageError with a clear message when it cannot be used."""
+def open_image(
+    source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """Open a path or bytes as RGB, raising ImageError with a clear message when it cannot be used.
+
+    `draft_size` (the model's input side, for callers that only need that much): a JPEG at least twice as large
+    on both sides is decoded at a reduced DCT scale (1/2, 1/4 or 1/8; Pillow's `draft`) that keeps both sides
+    >= draft_size. A 12-megapixel phone photo then decodes in a fraction of the time, and the resize that
+    follows starts from ~1000 px instead of ~4000. Smaller images decode exactly as without it."""
     name = "upload" if isinstance(source, bytes | bytearray) else str(source)
     if not isinstance(source, bytes | bytearray):
         path = Path(source)
@@ -61,6 +68,8 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise ImageError(f"{name}: image has no pixels")
     try:
         image.seek(0)  # first frame of GIF/WebP/APNG animations
+        if draft_size and image.format == "JPEG" and min(width, height) >= 2 * draft_size:
+            image.draft("RGB", (draft_size, draft_size))  # before load(); EXIF still applies below
         image.load()
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)

@@ -87,6 +87,14 @@ class DecoderState:
         return DecoderState(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
 
 
+def fast_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) = 2 sigmoid(2x) - 1, to ~1e-7 absolute. At inference the attention applies tanh to B x L x A values
+    every step, the largest elementwise op of a step, and this torch build's CPU tanh is ~4x slower than its
+    sigmoid (measured: 856 vs 201 us on 2 x 196 x 256). Only without autograd (decoding): whatever computes a
+    gradient (training, SCST's sampled captions in eval mode) keeps torch.tanh."""
+    return torch.sigmoid(x * 2).mul_(2).sub_(1)
+
+
 class SoftAttention(nn.Module):
     """e_ti = w^T tanh(W_a a_i + W_h h_{t-1}), alpha_t = softmax_i(e_ti) (Bahdanau-style MLP)."""
 
@@ -101,7 +109,9 @@ class SoftAttention(nn.Module):
         self, features: torch.Tensor, projected_features: torch.Tensor, hidden: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # features (B, L, D), projected_features (B, L, A), hidden (B, H)
-        energy = self.score(torch.tanh(projected_features + self.hidden_proj(hidden).unsqueeze(1)))  # (B, L, 1)
+        pre_activation = projected_features + self.hidden_proj(hidden).unsqueeze(1)  # (B, L, A)
+        activated = torch.tanh(pre_activation) if torch.is_grad_enabled() else fast_tanh(pre_activation)
+        energy = self.score(activated)  # (B, L, 1)
         alpha = F.softmax(energy.squeeze(2), dim=1)  # (B, L)
         context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
         return context, alpha
@@ -191,10 +201,24 @@ class AttentionDecoder(nn.Module):
             h=h,
             c=c,
             features=features,
-            projected_features=self.attention.feature_proj(features),
+            projected_features=self._project_features(features),
             beta=features.new_ones(b, 1),
             location=torch.full((b,), -1, dtype=torch.long, device=features.device),
         )
+
+    def _project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """W_a a_i for every row: (B, L, D) -> (B, L, A), the largest matrix product of decoding (L x D x A per row).
+        Beam search and sampling repeat each image K times before `init_state`; at inference the projection is
+        computed once per run of identical consecutive rows and shared (comparing rows costs far less)."""
+        proj = self.attention.feature_proj
+        if torch.is_grad_enabled() or features.size(0) == 1:
+            return proj(features)
+        new_image = torch.ones(features.size(0), dtype=torch.bool, device=features.device)
+        new_image[1:] = (features[1:] != features[:-1]).flatten(1).any(dim=1)
+        if bool(new_image.all()):
+            return proj(features)
+        image_of_row = new_image.cumsum(0) - 1  # (B,) index into the distinct images
+        return proj(features[new_image]).index_select(0, image_of_row)
 
     def step(self, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DecoderState]:
         """tokens (B,) = previous words -> logits (B, V) for the next word, alpha (B, L), new state."""

@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     """Caption each image (folders expanded, in batches), write its figure (and JSON), print what was written as
     each batch finishes. Exit 1 if any image failed, 2 on bad arguments; the good images are rendered either way."""
     from .api import load_captioner
-    from .evaluate import decoding_options
+    from .evaluate import decoding_options, engine_options
     from .imagefiles import emit, find_images, progress_bar, read_batches
 
     images, skipped = find_images(args.images, args.recursive)
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"captioner visualize: error: {exc}", file=sys.stderr)
         return 2
-    captioner = load_captioner(args.checkpoint, device=args.device)
+    captioner = load_captioner(args.checkpoint, device=args.device, **engine_options(args))
     out_path = dict(zip(images, outputs, strict=True))
     failures = 0
     with progress_bar(len(images), args.progress) as bar:

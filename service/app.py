@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from captioner.api import Captioner, load_captioner
 from captioner.decoding import DecodingOptions
-from captioner.images import ImageError, open_image
+from captioner.images import ImageError
 
 from .auth import API_KEY  # issue 19: optional API keys on /v1/*
 from .batching import CaptionJob, CaptionRunner, MicroBatcher, NotRunning, Overloaded
@@ -267,7 +267,7 @@ async def _receive(request: Request, settings: Settings) -> Upload:
 
 
 def _prepare(captioner: Captioner, data: bytes, max_pixels: int, options: DecodingOptions) -> CaptionJob:
-    return CaptionJob.from_image(captioner, open_image(data, max_pixels), options)
+    return CaptionJob.from_image(captioner, captioner.open(data, max_pixels), options)
 
 
 def _model_out(captioner: Captioner) -> ModelOut:
@@ -393,7 +393,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(settings.torch_threads)
     started = time.perf_counter()
     captioner = await asyncio.to_thread(
-        load_captioner, settings.checkpoint, settings.device, settings.pretrained_encoder
+        load_captioner, settings.checkpoint, settings.device, settings.pretrained_encoder, settings.engine
     )
     logger.info("loaded %s (version %s, encoder %s) on %s in %.1f s", captioner.name, captioner.version,
                 captioner.checkpoint.encoder_name, settings.device, time.perf_counter() - started)

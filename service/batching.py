@@ -255,7 +255,7 @@ class CaptionRunner:
         """One CNN pass (B, 3, S, S) -> B features (L, D); if it fails, image by image, so only the culprit
         gets the error."""
         try:
-            return list(self.captioner.encoder(torch.stack(pixels).to(self.captioner.device)))
+            return list(self.captioner.encode_pixels(torch.stack(pixels)))
         except Exception as exc:
             if len(pixels) == 1:
                 logger.exception("encoding failed")

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     device: str = "cpu"
     pretrained_encoder: bool = True  # False only for tests that build a backbone without its weights
     torch_threads: int | None = Field(None, ge=1)  # None: torch's default (one per core)
+    # auto: ONNX Runtime encoder + int8 decoder on CPU when onnxruntime is installed; torch: eager fp32 throughout.
+    engine: Literal["auto", "onnx", "torch"] = "auto"
 
     # Input limits: refused before they cost memory or CPU.
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)  # whole request body, multipart framing included

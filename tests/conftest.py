@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,15 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 COCO_MINI = Path(os.environ.get("COCO_MINI", REPO.parent / "shared" / "data" / "coco-mini"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory) -> Iterator[Path]:
+    """Exported encoder graphs go to a folder of this test session, not the user's ~/.cache/captioner."""
+    folder = tmp_path_factory.mktemp("engine-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAPTIONER_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,313 @@
+"""The inference engine: ONNX Runtime encoder exported from torch (checked, cached, rebuilt when corrupt), the int8
+decoder, eager torch without onnxruntime, big JPEGs decoded at reduced scale, and the service on the engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner import engine as engine_module
+from captioner.api import load_captioner
+from captioner.decoding import RECOMMENDED, DecodingOptions
+from captioner.encoder import Encoder
+from captioner.engine import (
+    EngineError,
+    GraphFiles,
+    OnnxEncoderEngine,
+    TorchEncoderEngine,
+    load_onnx_encoder,
+    make_encoder_engine,
+    quantize_decoder_for_cpu,
+    resolve_engine,
+)
+from captioner.images import ImageError, open_image
+from service.settings import Settings
+from tests.helpers import running_server
+
+PHOTOS = ["000000000790.jpg", "000000020247.jpg", "000000024585.jpg"]  # coco-mini/val
+
+
+@pytest.fixture(scope="module")
+def lite0() -> Encoder:
+    return Encoder("efficientnet-lite0").eval()  # real pretrained weights, 448 px
+
+
+@pytest.fixture
+def small_encoder() -> Encoder:
+    """Random Lite0 at 64 px: exports in a second or two, for the cache mechanics."""
+    torch.manual_seed(0)
+    return Encoder("efficientnet-lite0", pretrained=False, image_size=64).eval()
+
+
+def _pixels(encoder: Encoder, coco_mini, names=PHOTOS) -> torch.Tensor:
+    return torch.stack([encoder.preprocessing(open_image(coco_mini / "val" / n)) for n in names])
+
+
+def _big_jpeg(photo: Image.Image, scale: float, exif: Image.Exif | None = None) -> bytes:
+    big = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=90, **({"exif": exif.tobytes()} if exif is not None else {}))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The ONNX encoder.
+
+
+def test_onnx_encoder_matches_torch_on_real_photos(lite0, coco_mini, tmp_path):
+    engine = load_onnx_encoder(lite0, tmp_path)
+    pixels = _pixels(lite0, coco_mini)
+    with torch.no_grad():
+        expected = lite0(pixels)
+    got = engine(pixels)  # a batch of 3: the graph's batch axis is dynamic
+    assert got.shape == expected.shape == (3, 14 * 14, 1280)
+    assert engine.grid == lite0.grid_size() == (14, 14)
+    diff = (got - expected).abs().max().item()
+    assert diff < 1e-3 * expected.abs().max().item(), diff
+    meta = json.loads(GraphFiles.for_encoder(lite0, tmp_path).sidecar.read_text())
+    assert meta["max_abs_diff"] < 1e-3 and meta["backbone"] == "efficientnet-lite0" and meta["image_size"] == 448
+
+
+def test_export_is_cached_and_reused(small_encoder, tmp_path, monkeypatch):
+    first = load_onnx_encoder(small_encoder, tmp_path)
+    files = GraphFiles.for_encoder(small_encoder, tmp_path)
+    assert first.path == files.graph and files.graph.is_file() and files.sidecar.is_file()
+    written = files.graph.stat().st_mtime_ns
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the cached graph is intact")
+
+    monkeypatch.setattr(engine_module, "export_encoder", no_export)
+    again = load_onnx_encoder(small_encoder, tmp_path)
+    assert again.path == files.graph and files.graph.stat().st_mtime_ns == written
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(again(x), first(x))
+
+
+def test_cache_key_changes_with_weights_and_input_size(small_encoder, tmp_path):
+    base = load_onnx_encoder(small_encoder, tmp_path).path
+    with torch.no_grad():  # a fine-tuned encoder: same backbone and size, other weights
+        small_encoder.cnn.net._conv_head.weight.mul_(1.5)
+    tuned = load_onnx_encoder(small_encoder, tmp_path)
+    assert tuned.path != base
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x), small_encoder(x), atol=1e-3, rtol=1e-3)  # the tuned weights are in it
+    torch.manual_seed(0)
+    bigger = Encoder("efficientnet-lite0", pretrained=False, image_size=96).eval()
+    other_size = load_onnx_encoder(bigger, tmp_path)
+    assert other_size.path not in (base, tuned.path) and other_size(torch.randn(1, 3, 96, 96)).shape == (1, 9, 1280)
+    assert len(list(tmp_path.glob("*.onnx"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "sidecar"])
+def test_corrupt_cached_graph_is_rebuilt(small_encoder, tmp_path, damage, capsys):
+    good = load_onnx_encoder(small_encoder, tmp_path)
+    x = torch.randn(1, 3, 64, 64)
+    expected = good(x)
+    files = GraphFiles.for_encoder(small_encoder, tmp_path)
+    data = files.graph.read_bytes()
+    if damage == "truncate":
+        files.graph.write_bytes(data[: len(data) // 3])
+    elif damage == "flip_bytes":  # still parses maybe, but it is not the graph that was checked
+        middle = len(data) // 2
+        flipped = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+        files.graph.write_bytes(data[:middle] + flipped + data[middle + 64 :])
+    else:
+        files.sidecar.write_text("{not json")
+    capsys.readouterr()
+    rebuilt = load_onnx_encoder(small_encoder, tmp_path)
+    assert "corrupt" in capsys.readouterr().err
+    torch.testing.assert_close(rebuilt(x), expected)
+    assert json.loads(files.sidecar.read_text())["sha256"] == engine_module._file_sha256(files.graph)
+
+
+def test_export_beyond_tolerance_is_refused_and_not_cached(small_encoder, tmp_path):
+    with pytest.raises(EngineError, match="refused"):
+        load_onnx_encoder(small_encoder, tmp_path, tolerance=0.0)
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob("*.json"))
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    # "auto" falls back to eager torch; an explicit "onnx" says why it cannot.
+    assert isinstance(make_encoder_engine(small_encoder, "auto", tmp_path, tolerance=0.0), TorchEncoderEngine)
+    with pytest.raises(EngineError):
+        make_encoder_engine(small_encoder, "onnx", tmp_path, tolerance=0.0)
+
+
+def test_engine_names_are_checked():
+    assert resolve_engine("auto", "cpu") == "onnx"
+    assert resolve_engine("torch", "cpu") == "torch"
+    assert resolve_engine("auto", "meta") == "torch"  # not a CPU: torch
+    with pytest.raises(ValueError, match="engine must be one of"):
+        resolve_engine("tensorrt", "cpu")
+    with pytest.raises(EngineError, match="CPU only"):
+        resolve_engine("onnx", "meta")
+
+
+def test_torch_engine_works_without_onnxruntime(shipped_checkpoint, coco_mini, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    monkeypatch.setattr(engine_module, "onnxruntime_available", lambda: False)
+    with pytest.raises(ImportError):
+        import onnxruntime  # noqa: F401
+    captioner = load_captioner(shipped_checkpoint, engine="torch")
+    assert captioner.engine == "torch" and not captioner.quantized
+    caption = captioner.caption([coco_mini / "val" / "000000024585.jpg"])[0].caption
+    assert "plane" in caption or "jet" in caption, caption
+    assert load_captioner(shipped_checkpoint).engine == "torch"  # auto without onnxruntime
+    with pytest.raises(EngineError, match="pip install onnxruntime"):
+        load_captioner(shipped_checkpoint, engine="onnx")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole captioner on the engine: the shipped model, real photos.
+
+
+@pytest.fixture(scope="module")
+def shipped_fast(shipped_checkpoint):
+    return load_captioner(shipped_checkpoint)  # auto: ONNX Runtime + int8 decoder
+
+
+@pytest.fixture(scope="module")
+def shipped_torch(shipped_checkpoint):
+    return load_captioner(shipped_checkpoint, engine="torch")
+
+
+def test_default_engine_on_cpu_is_onnx_with_int8_decoder(shipped_fast, shipped_checkpoint):
+    assert shipped_fast.engine == "onnx" and isinstance(shipped_fast.encoder_engine, OnnxEncoderEngine)
+    assert shipped_fast.quantized and shipped_fast.step_decoder is not shipped_fast.decoder
+    assert shipped_fast.decoder.cells[0].weight_ih.dtype == torch.float32  # the fp32 model is left as it was
+    fp32 = load_captioner(shipped_checkpoint, quantize_decoder=False)
+    assert fp32.engine == "onnx" and not fp32.quantized and fp32.step_decoder is fp32.decoder
+
+
+def test_int8_decoder_step_stays_close_to_fp32(shipped_fast, coco_mini):
+    features = shipped_fast.encode([open_image(coco_mini / "val" / n) for n in PHOTOS])
+    tokens = torch.full((len(PHOTOS),), shipped_fast.vocab.start_id)
+    with torch.inference_mode():
+        fp32_logits, fp32_alpha, _ = shipped_fast.decoder.step(shipped_fast.decoder.init_state(features), tokens)
+        int8 = shipped_fast.step_decoder
+        int8_logits, int8_alpha, _ = int8.step(int8.init_state(features), tokens)
+    cosine = torch.nn.functional.cosine_similarity(fp32_logits, int8_logits, dim=1)
+    assert cosine.min() > 0.995, cosine
+    assert (fp32_alpha - int8_alpha).abs().max() < 0.05
+    assert torch.equal(fp32_logits.argmax(1), int8_logits.argmax(1))
+
+
+def test_quantizing_leaves_the_original_decoder_alone(shipped_torch):
+    before = {k: v.clone() for k, v in shipped_torch.decoder.state_dict().items()}
+    quantize_decoder_for_cpu(shipped_torch.decoder)
+    after = shipped_torch.decoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_engines_caption_real_photos_alike(shipped_fast, shipped_torch, shipped_checkpoint, coco_mini):
+    paths = [coco_mini / "val" / n for n in PHOTOS]
+    options = DecodingOptions(**RECOMMENDED)
+    torch_captions = [r.caption for r in shipped_torch.caption(paths, options)]
+    fp32_onnx = load_captioner(shipped_checkpoint, quantize_decoder=False)
+    # The encoder engine alone changes features by ~1e-5: the same captions, word for word.
+    assert [r.caption for r in fp32_onnx.caption(paths, options)] == torch_captions
+    fast = shipped_fast.caption(paths, options)
+    assert all(r.caption.split() and r.candidates[0].alphas.shape[1] == 196 for r in fast)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Big photos.
+
+
+@pytest.fixture(scope="module")
+def photo(coco_mini) -> Image.Image:
+    return Image.open(coco_mini / "val" / "000000024585.jpg").convert("RGB")  # 640 x 428
+
+
+def test_draft_decoding_shrinks_big_jpegs_and_keeps_orientation(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    data = _big_jpeg(photo, 5.0, exif)  # 3200 x 2160 on disk, 2160 x 3200 displayed
+    full = open_image(data)
+    drafted = open_image(data, draft_size=448)
+    assert full.size == (photo.height * 5, photo.width * 5)
+    assert drafted.size[0] < drafted.size[1]  # still portrait: EXIF applied after the reduced decode
+    assert 448 <= min(drafted.size) < 1000 and drafted.size[1] / drafted.size[0] == pytest.approx(3200 / 2160, 0.01)
+    # Same picture: both brought to 448 px agree to within JPEG noise, and not by chance (the unrotated one does not).
+    a = np.asarray(full.resize((448, 448), Image.Resampling.BICUBIC), dtype=np.float32)
+    b = np.asarray(drafted.resize((448, 448), Image.Resampling.BICUBIC), dtype=np.float32)
+    unrotated = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((448, 448)), dtype=np.float32)
+    assert np.abs(a - b).mean() < 4.0 < np.abs(a - unrotated).mean()
+
+
+def test_draft_leaves_ordinary_photos_and_other_formats_alone(photo, coco_mini):
+    path = coco_mini / "val" / "000000024585.jpg"
+    assert np.array_equal(np.asarray(open_image(path, draft_size=448)), np.asarray(open_image(path)))
+    buf = io.BytesIO()
+    photo.resize((1920, 1284)).save(buf, format="PNG")
+    assert open_image(buf.getvalue(), draft_size=448).size == (1920, 1284)  # PNG has no reduced decode
+
+
+def test_pixel_cap_holds_with_draft(photo):
+    data = _big_jpeg(photo, 4.0)  # 2560 x 1712 = 4.4 MP
+    with pytest.raises(ImageError) as info:
+        open_image(data, max_pixels=4_000_000, draft_size=448)
+    assert info.value.kind == "too_large"
+
+
+def test_big_jpeg_gets_the_caption_of_the_640px_photo(shipped_fast, coco_mini, tmp_path):
+    for name in PHOTOS:
+        small = coco_mini / "val" / name
+        big = tmp_path / f"big-{name}"
+        image = Image.open(small).convert("RGB")
+        big.write_bytes(_big_jpeg(image, (12e6 / (image.width * image.height)) ** 0.5))  # ~12 MP
+        assert Image.open(big).width * Image.open(big).height > 11e6
+        small_caption, big_caption = (r.caption for r in shipped_fast.caption([small, big]))
+        assert big_caption == small_caption, name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training's feature cache and the service.
+
+
+def test_feature_cache_uses_the_engine(train_records, tmp_path, monkeypatch):
+    from captioner.features import build_feature_store
+
+    torch.manual_seed(0)
+    encoder = Encoder("efficientnet-lite0", pretrained=False, image_size=64).eval()
+    records = train_records[:4]
+    monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "graphs"))
+    via_torch = build_feature_store(records, encoder, tmp_path / "torch", progress=False, engine="torch")
+    via_onnx = build_feature_store(records, encoder, tmp_path / "onnx", progress=False, engine="onnx")
+    assert list((tmp_path / "graphs").glob("*.onnx"))  # exported for the cache
+    for r in records:
+        torch.testing.assert_close(via_onnx.get(r.image_id), via_torch.get(r.image_id), atol=2e-3, rtol=2e-3)
+
+
+def test_settings_read_the_engine_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CAPTIONER_ENGINE", "torch")
+    assert Settings().engine == "torch"
+    monkeypatch.setenv("CAPTIONER_ENGINE", "tensorrt")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_service_answers_on_the_onnx_engine(lite0_checkpoint, coco_mini):
+    photo = coco_mini / "val" / "000000000790.jpg"
+    expected = load_captioner(lite0_checkpoint, engine="onnx").caption([photo], max_length=12)[0].caption
+    with running_server(Settings(checkpoint=lite0_checkpoint, engine="onnx", max_length=12)) as url:
+        response = httpx.post(f"{url}/v1/captions", files={"image": ("p.jpg", photo.read_bytes(), "image/jpeg")},
+                              timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["caption"] == expected
+
+
+def test_a_caption_does_not_depend_on_its_batch_mates(shipped_fast, coco_mini):
+    """int8 activations share one quantisation scale per tensor: batching images together must not change any."""
+    paths = [coco_mini / "val" / n for n in PHOTOS]
+    alone = [shipped_fast.caption([p])[0].caption for p in paths]
+    together = [r.caption for r in shipped_fast.caption(paths)]
+    reversed_batch = [r.caption for r in shipped_fast.caption(paths[::-1])][::-1]
+    assert alone == together == reversed_batch
