@@ -300,6 +300,14 @@ def _file_sha256(path: Path) -> str:
 QUANTIZED_STEP_LAYERS = ("cells", "attention.hidden_proj", "out_hidden", "out_context", "out_vocab")
 
 
+def _is_step_layer(name: str) -> bool:
+    """A module name of QUANTIZED_STEP_LAYERS, in a decoder or in an ensemble's member ("members.N." prefix)."""
+    parts = name.split(".")
+    if parts[0] == "members":
+        name = ".".join(parts[2:])
+    return any(name == p or name.startswith(p + ".") for p in QUANTIZED_STEP_LAYERS)
+
+
 def quantize_decoder_for_cpu(decoder: torch.nn.Module) -> torch.nn.Module:
     """A copy of `decoder` whose per-step LSTM/GRU cells and large linear layers keep int8 weights (dynamic
     quantisation: activations are quantised on the fly). At batch 1-16 a step is bound by reading its ~4M
@@ -314,7 +322,7 @@ def quantize_decoder_for_cpu(decoder: torch.nn.Module) -> torch.nn.Module:
     chosen = {
         name: per_channel_dynamic_qconfig
         for name, module in quantized.named_modules()
-        if isinstance(module, kinds) and any(name == p or name.startswith(p + ".") for p in QUANTIZED_STEP_LAYERS)
+        if isinstance(module, kinds) and _is_step_layer(name)
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization's move notice

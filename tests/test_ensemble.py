@@ -135,3 +135,13 @@ def test_ensembles_refuse_members_that_do_not_fit(tmp_path, member, shipped, tra
         ensemble_checkpoints([good, other_vocab])
     with pytest.raises(SystemExit, match="--ensemble"):
         main(["export", str(good), str(good), "-o", str(tmp_path / "x.pt")])
+
+
+def test_the_int8_cpu_decoder_quantizes_every_member(member, other_member, shipped, features):
+    from captioner.engine import quantize_decoder_for_cpu
+
+    quantized = quantize_decoder_for_cpu(EnsembleDecoder([member, other_member]))
+    for m in quantized.members:
+        assert not isinstance(m.out_vocab, torch.nn.Linear) and not isinstance(m.cells[0], torch.nn.LSTMCell)
+    for hyps in generate(quantized, features, shipped.vocab, DecodingOptions(method="beam", beam_size=2)):
+        assert hyps[0].tokens[-1] == shipped.vocab.end_id
