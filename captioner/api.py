@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_digest, load_checkpoint
-from .decoding import RECOMMENDED, DecodingOptions, Hypothesis, generate
+from .decoding import DecodingOptions, Hypothesis, generate
 from .encoder import Encoder, prepare_cpu_inference
 from .images import DEFAULT_MAX_PIXELS, open_image
+from .options import recommended_options
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_CHECKPOINT_NAME = "captioner-default.pt"
@@ -72,7 +73,7 @@ class Captioner:
         """Caption images (PIL images or paths). Decoding keywords as in DecodingOptions (method=...), on top of
         the recommended settings (`decoding.RECOMMENDED`); pass `options` to control every field."""
         if options is None:
-            options = DecodingOptions(**RECOMMENDED).updated(**decoding)
+            options = recommended_options(**decoding)
         elif decoding:
             raise TypeError("pass either options or decoding keywords, not both")
         pil = [im if isinstance(im, Image.Image) else open_image(im, DEFAULT_MAX_PIXELS) for im in images]

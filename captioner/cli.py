@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import evaluate, lm, train
-from .evaluate import add_decoding_arguments, decoding_options
+from .options import add_decoding_arguments, decoding_options
 
 
 def _caption_parser(sub) -> None:

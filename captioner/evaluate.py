@@ -19,53 +19,10 @@ from tqdm import tqdm
 
 from .api import Captioner, load_captioner
 from .coco import ImageRecord, load_coco_captions, load_karpathy_split
-from .decoding import RECOMMENDED, DecodingOptions
+from .decoding import DecodingOptions
 from .features import ImageFileDataset
 from .metrics import coco_scores, fast_scores, java_available
-
-
-def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True) -> None:
-    """Decoding flags shared by caption, evaluate and visualize."""
-    g = p.add_argument_group("decoding (defaults chosen on val: beam 2, length penalty 0.5, no repeated bigram)")
-    g.add_argument("--method", choices=["greedy", "sample", "beam"], default=RECOMMENDED["method"])
-    g.add_argument("--beam-size", type=int, default=None,
-                   help=f"default {RECOMMENDED['beam_size']}, raised to --num-captions when that is larger")
-    g.add_argument("--length-penalty", type=float, default=RECOMMENDED["length_penalty"])
-    g.add_argument("--no-repeat-ngram", type=int, default=RECOMMENDED["no_repeat_ngram_size"],
-                   dest="no_repeat_ngram_size", help="0 allows repeats")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-length", type=int, default=20, help="most words in a caption")
-    g.add_argument("--seed", type=int, default=None)
-    if num_captions:
-        g.add_argument("--num-captions", type=int, default=1)
-
-
-def decoding_options(args: argparse.Namespace) -> DecodingOptions:
-    """The decoding flags as options; an impossible combination exits with the reason (no traceback)."""
-    try:
-        return _decoding_options(args)
-    except ValueError as exc:
-        raise SystemExit(f"captioner: error: {exc}") from None
-
-
-def _decoding_options(args: argparse.Namespace) -> DecodingOptions:
-    # `updated` widens the default beam to --num-captions (the one rule the service and the Python API share);
-    # a --beam-size given explicitly is kept, so asking for more captions than it holds is an error.
-    explicit = {} if args.beam_size is None else {"beam_size": args.beam_size}
-    return DecodingOptions(beam_size=RECOMMENDED["beam_size"]).updated(
-        **explicit,
-        method=args.method,
-        max_length=args.max_length,
-        length_penalty=args.length_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        num_captions=getattr(args, "num_captions", 1),
-        seed=args.seed,
-    )
+from .options import add_decoding_arguments, decoding_options
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

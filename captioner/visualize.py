@@ -265,8 +265,8 @@ def run(args: argparse.Namespace) -> int:
     """Caption each image, write its figure (and JSON), print what was written. Exit 1 if any image failed,
     2 on bad arguments; the good images are rendered either way."""
     from .api import load_captioner
-    from .evaluate import decoding_options
     from .images import ImageError, open_image
+    from .options import decoding_options
 
     try:
         outputs = plan_outputs(args.images, args.output, args.format)
