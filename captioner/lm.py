@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .coco import load_caption_texts
-from .encoder import DEFAULT_BACKBONE, Preprocessing, get_backbone
-from .model import AttentionDecoder, CaptionerConfig, caption_loss
+from .encoder import Encoder
+from .model import AttentionDecoder, caption_loss
+from .train import add_model_arguments, config_from_args
+from .utils import set_seed, setup_logging
 from .vocab import Vocabulary
 
 log = logging.getLogger("captioner.lm")
@@ -39,20 +41,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--train-captions", type=Path, action="append", default=[],
                    help="the image-training captions: they join the LM text and the vocabulary")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--encoder", default=DEFAULT_BACKBONE, help="backbone the captioner will use (sets D)")
-    p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--min-word-count", type=int, default=5)
     p.add_argument("--max-words", type=int, default=30)
-    p.add_argument("--embed-dim", type=int, default=256)
-    p.add_argument("--hidden-dim", type=int, default=512)
-    p.add_argument("--attention-dim", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=1)
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--tie-weights", action="store_true")
-    p.add_argument("--semantic", action="store_true", help="build the decoder with the class-probability input")
+    add_model_arguments(p)  # the same architecture flags as `captioner train` (--encoder sets D)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay, as in training")
     p.add_argument("--grad-clip", type=float, default=5.0)
     p.add_argument("--holdout", type=float, default=0.02, help="fraction of the text kept for perplexity")
     p.add_argument("--seed", type=int, default=0)
@@ -103,12 +98,9 @@ def lm_epoch(
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
-    from .train import _setup_logging
-
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(args.output_dir / "lm.log")
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    setup_logging(args.output_dir / "lm.log")
+    set_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     texts = [t for f in args.text for t in load_caption_texts(f)]
     train_texts = [t for f in args.train_captions for t in load_caption_texts(f)]
@@ -120,14 +112,14 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     train_ids = [vocab.encode(t, args.max_words) for t in corpus[n_holdout:]]
     log.info("LM text: %d captions (%d held out), vocabulary %d words", len(train_ids), len(holdout), len(vocab))
 
-    spec = get_backbone(args.encoder)
-    config = CaptionerConfig(
-        vocab_size=len(vocab), feature_dim=spec.feature_dim, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
-        attention_dim=args.attention_dim, num_layers=args.num_layers, dropout=args.dropout,
-        tie_weights=args.tie_weights, semantic_classes=1000 if args.semantic else 0,
-    )
-    decoder = AttentionDecoder(config).to(device)
-    optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=args.lr)
+    # The backbone itself (untrained: only its sizes and preprocessing matter here) gives D, the class count and
+    # the preprocessing, as in `captioner train`. Its RNG use comes after the seeding above, so runs repeat exactly.
+    with torch.random.fork_rng():
+        encoder = Encoder(args.encoder, pretrained=False, image_size=args.image_size)
+    decoder = AttentionDecoder(config_from_args(args, len(vocab), encoder)).to(device)
+    # AdamW as in training (without weight decay it is Adam).
+    optimizer = torch.optim.AdamW([p for p in decoder.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
     history = []
     for epoch in range(1, args.epochs + 1):
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
@@ -140,7 +132,6 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                  row["holdout_perplexity"])
         with (args.output_dir / "lm_metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
-    preprocessing = Preprocessing(args.image_size, spec.mean, spec.std)
-    save_checkpoint(args.output_dir / "lm.pt", decoder, vocab, spec.name, preprocessing,
+    save_checkpoint(args.output_dir / "lm.pt", decoder, vocab, encoder.name, encoder.preprocessing,
                     metrics={"lm": history[-1] if history else {}})
     return history[-1] if history else {}

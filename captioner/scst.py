@@ -36,7 +36,7 @@ from .vocab import Vocabulary, tokenize
 BASELINES = ("greedy", "mean")
 
 
-class ImageFeatures(Dataset):
+class ScstImageDataset(Dataset):
     """(features (L, D), index into `records`, mirrored?) for every training image with cached features: SCST
     works per image, not per caption, since an image's references all score each sample.
 

@@ -105,7 +105,7 @@ def test_scst_raises_the_cider_reward_of_samples(baseline):
     torch.manual_seed(0)
     records = [ImageRecord(i, None, (c,)) for i, c in enumerate(captions)]  # type: ignore[arg-type]
     store = _MemoryStore({i: torch.randn(5, 16) for i in range(4)})
-    images = scst.ImageFeatures(records, store)
+    images = scst.ScstImageDataset(records, store)
     cider, references = scst.reward_scorer(images.records)
     decoder = AttentionDecoder(tiny_config(len(vocab), dropout=0.0))
     model = train.CaptionModel(decoder)
@@ -146,7 +146,7 @@ def test_scst_mirrored_views_are_scored_against_mirrored_references():
     records = [ImageRecord(i, None, (c,)) for i, c in enumerate(captions)]  # type: ignore[arg-type]
     original = _MemoryStore({i: torch.zeros(3, 4) for i in range(2)})
     mirrored = _MemoryStore({i: torch.ones(3, 4) for i in range(2)})
-    images = scst.ImageFeatures(records, original, [("flip", mirrored)], seed=0)
+    images = scst.ScstImageDataset(records, original, [("flip", mirrored)], seed=0)
     seen = set()
     for epoch in range(8):
         images.set_epoch(epoch)
