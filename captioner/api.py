@@ -38,7 +38,7 @@ class Candidate:
 class CaptionResult:
     caption: str
     candidates: list[Candidate]
-    grid: tuple[int, int]  # (H', W') of the attention maps: alphas reshape to (T, H', W')
+    grid: tuple[int, int]  # (h, w) of the attention maps: alphas reshape to (T, h, w)
 
 
 class Captioner:

@@ -137,7 +137,7 @@ def _visualize_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--columns", type=int, default=5, help="panels per row")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
-    p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x H' x W') and betas as JSON")
+    p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x h x w) and betas as JSON")
     add_decoding_arguments(p, num_captions=False)
     p.set_defaults(func=_run_visualize)
 

@@ -71,8 +71,8 @@ def reference_cross_entropy(
     """Mean per-token cross-entropy of all reference captions given their image features (B, L, D)."""
     batch = [(features[i], torch.tensor(vocab.encode(c))) for i, refs in enumerate(references) for c in refs]
     feats, captions = collate_captions(batch, vocab.pad_id)
-    logits, alphas = decoder(feats, captions.to(features.device))
-    _, ce = caption_loss(logits, captions.to(features.device), alphas, attention_reg=0.0)
+    out = decoder(feats, captions.to(features.device))
+    _, ce = caption_loss(out.logits, captions.to(features.device), out.alphas, attention_reg=0.0)
     return float(ce), int((captions[:, 1:] != vocab.pad_id).sum())
 
 

@@ -28,7 +28,7 @@ from .coco import load_caption_texts
 from .encoder import Encoder
 from .model import AttentionDecoder, caption_loss
 from .train import add_model_arguments, config_from_args
-from .utils import set_seed, setup_logging
+from .utils import optimizer_step, set_seed, setup_logging
 from .vocab import Vocabulary
 
 log = logging.getLogger("captioner.lm")
@@ -84,13 +84,10 @@ def lm_epoch(
     with torch.set_grad_enabled(training):
         for batch in tqdm(loader, desc="LM", unit="batch", disable=not progress, leave=False):
             batch = batch.to(device)
-            logits, alphas = decoder(no_image_features(batch.size(0), decoder.config.feature_dim, device), batch)
-            loss, ce = caption_loss(logits, batch, alphas, attention_reg=0.0)  # loss == ce without the penalty
+            out = decoder(no_image_features(batch.size(0), decoder.config.feature_dim, device), batch)
+            loss, ce = caption_loss(out.logits, batch, out.alphas, attention_reg=0.0)  # loss == ce without the penalty
             if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in decoder.parameters() if p.requires_grad], grad_clip)
-                optimizer.step()
+                optimizer_step(loss, optimizer, [p for p in decoder.parameters() if p.requires_grad], grad_clip)
             n = int((batch[:, 1:] != 0).sum())
             total += float(ce.detach()) * n
             tokens += n

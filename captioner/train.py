@@ -56,8 +56,17 @@ from .distributed import (
 from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder
 from .evaluate import validate
 from .features import VIEWS, FeatureStore, build_feature_store
-from .model import AttentionDecoder, CaptionerConfig, caption_loss, hard_attention_loss
-from .utils import args_record, drop_rows_from, plot_training_curves, restore_rng, rng_state, set_seed, setup_logging
+from .model import AttentionDecoder, CaptionerConfig, DecoderOutput, caption_loss, hard_attention_loss
+from .utils import (
+    args_record,
+    drop_rows_from,
+    optimizer_step,
+    plot_training_curves,
+    restore_rng,
+    rng_state,
+    set_seed,
+    setup_logging,
+)
 from .vocab import Vocabulary
 
 log = logging.getLogger("captioner.train")
@@ -211,11 +220,9 @@ class CaptionModel(nn.Module):
         super().__init__()
         self.decoder, self.encoder = decoder, encoder
 
-    def forward(
-        self, inputs: torch.Tensor, captions: torch.Tensor, return_locations: bool = False
-    ) -> tuple[torch.Tensor, ...]:
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
         features = self.encoder(inputs) if self.encoder is not None else inputs  # (B, L, D)
-        return self.decoder(features, captions, return_locations=return_locations)
+        return self.decoder(features, captions)
 
 
 def train_one_epoch(
@@ -244,32 +251,20 @@ def train_one_epoch(
         # compute exactly the gradient one process would on the whole batch.
         global_tokens = all_reduce_sum(local_tokens.double(), env)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, alphas, *locations = model(inputs, captions, return_locations=hard)
+            out = model(inputs, captions)
         normalizer = global_tokens.float() / env.world_size
         loss, ce = caption_loss(
-            logits.float(), captions, alphas.float(), attention_reg=args.attention_reg,
+            out.logits.float(), captions, out.alphas.float(), attention_reg=args.attention_reg,
             label_smoothing=args.label_smoothing, normalizer=normalizer,
         )
         if hard:
             reinforce, reward = hard_attention_loss(
-                logits.float(), captions, alphas.float(), locations[0], _reinforce_baseline(decoder),
+                out.logits.float(), captions, out.alphas.float(), out.locations, _reinforce_baseline(decoder),
                 args.reinforce_weight, args.entropy_weight, normalizer=normalizer,
             )
             loss = loss + reinforce
             _update_reinforce_baseline(decoder, reward, env)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale the loss so small gradients survive, unscale before clipping
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        # Global L2 norm over all parameters (not per tensor): keeps the update direction.
-        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        norm = optimizer_step(loss, optimizer, params, args.grad_clip, scaler)
         n = float(local_tokens)
         sums += torch.tensor([float(loss.detach()) * float(global_tokens) / env.world_size, float(ce) * n, n],
                              dtype=torch.float64)

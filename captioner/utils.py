@@ -15,6 +15,26 @@ import torch
 from .distributed import SINGLE_PROCESS, DistributedEnv
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                   max_norm: float, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One update: gradients of `loss`, clipped to a global L2 norm of `max_norm` over all `params` (not per
+    tensor: clipping keeps the update's direction), then the optimiser's step. Returns the norm before clipping.
+    With an fp16 `scaler` the loss is scaled so small gradients survive, and unscaled before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return norm
+
+
 def setup_logging(log_file: Path, env: DistributedEnv = SINGLE_PROCESS) -> None:
     """Rank 0 logs to `log_file` and the terminal; other ranks only print warnings."""
     root = logging.getLogger("captioner")

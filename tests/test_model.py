@@ -15,7 +15,8 @@ def _batch(vocab_size, b=3, t=6, l=10, d=16, seed=0):
 def test_attention_weights_sum_to_one_over_locations():
     decoder = AttentionDecoder(tiny_config(50))
     features, captions = _batch(50)
-    logits, alphas = decoder(features, captions)
+    logits, alphas, locations = decoder(features, captions)
+    assert locations.shape == (3, 6) and (locations == -1).all()  # soft attention: the expected context
     assert logits.shape == (3, 6, 50) and alphas.shape == (3, 6, 10)
     torch.testing.assert_close(alphas.sum(-1), torch.ones(3, 6))
     assert (alphas >= 0).all()
@@ -34,7 +35,7 @@ def test_forget_gate_bias_starts_at_one():
 def test_step_api_matches_teacher_forced_forward():
     decoder = AttentionDecoder(tiny_config(50, num_layers=2)).eval()
     features, captions = _batch(50)
-    logits, alphas = decoder(features, captions)
+    logits, alphas, _ = decoder(features, captions)
     state = decoder.init_state(features)
     for t in range(captions.size(1) - 1):
         step_logits, alpha, state = decoder.step(state, captions[:, t])
@@ -59,8 +60,8 @@ def test_masked_loss_ignores_padding():
 
 
 def _forward(decoder, features, captions):
-    logits, alphas = decoder(features, captions)
-    return logits, captions, alphas
+    out = decoder(features, captions)
+    return out.logits, captions, out.alphas
 
 
 def test_doubly_stochastic_term_is_zero_when_each_location_gets_total_attention_one():

@@ -75,7 +75,7 @@ def test_rescored_log_probs_are_the_samplers(vocab):
         options = DecodingOptions(method="sample", num_captions=4, seed=1, max_length=max_length)
         hyps = [h for image in generate(decoder, features, vocab, options) for h in image]
         captions = scst.captions_tensor(hyps, vocab, features.device)
-        logits, _ = decoder(features.repeat_interleave(4, dim=0), captions)
+        logits = decoder(features.repeat_interleave(4, dim=0), captions).logits
         token_log_probs, mask = scst.sequence_log_probs(logits, captions, vocab, max_length)
         assert mask.sum(1).tolist() == [len(h.tokens) for h in hyps]
         # Sorting within an image reorders; compare as multisets per image.

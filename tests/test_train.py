@@ -28,8 +28,8 @@ def test_tiny_model_memorises_real_coco_captions(train_records):
     optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     batch = collate_captions([(f, torch.tensor(vocab.encode(c))) for f, c in zip(features, captions, strict=True)])
     for _ in range(300):
-        logits, alphas = decoder(*batch)
-        loss, ce = caption_loss(logits, batch[1], alphas, attention_reg=0.0)
+        out = decoder(*batch)
+        loss, ce = caption_loss(out.logits, batch[1], out.alphas, attention_reg=0.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -41,14 +41,14 @@ def test_hard_attention_decoder_samples_in_training_and_is_deterministic_in_eval
     features = torch.randn(64, 9, 16)
     captions = torch.randint(4, 40, (64, 6))
     captions[:, 0] = 1
-    _, alphas, locations = decoder.train()(features, captions, return_locations=True)
+    locations = decoder.train()(features, captions).locations
     assert ((locations >= -1) & (locations < 9)).all() and (locations == -1).any() and (locations >= 0).any()
     decoder.eval()
-    first = decoder(features, captions, return_locations=True)
-    second = decoder(features, captions, return_locations=True)
+    first = decoder(features, captions)
+    second = decoder(features, captions)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
-    torch.testing.assert_close(first[2], first[1].argmax(-1))  # the argmax of the alpha that step returns
+    torch.testing.assert_close(first.locations, first.alphas.argmax(-1))  # the argmax of the alpha that step returns
 
 
 def _peaked_alphas(b=2, t=3, l=4):
@@ -111,7 +111,7 @@ def test_gru_decoder_has_no_memory_cell_and_its_step_matches_forward():
     decoder = AttentionDecoder(tiny_config(30, cell="gru", num_layers=2)).eval()
     assert all(isinstance(c, torch.nn.GRUCell) for c in decoder.cells) and not hasattr(decoder, "init_c")
     features, captions = torch.randn(3, 5, 16), torch.randint(4, 30, (3, 5))
-    logits, alphas = decoder(features, captions)
+    logits, alphas, _ = decoder(features, captions)
     state = decoder.init_state(features)
     for t in range(4):
         step_logits, alpha, state = decoder.step(state, captions[:, t])
