@@ -134,10 +134,14 @@ def test_caption_raw_image_body_with_query_parameters(client, photo):
 def test_form_fields_choose_the_n_best_list(client, photo):
     response = post_image(client, photo, fields={"method": "beam", "beam_size": "4", "num_captions": "3"})
     assert response.status_code == 200, response.text
-    candidates = response.json()["candidates"]
-    assert len(candidates) == 3
-    log_probs = [c["log_prob"] for c in candidates]
-    assert log_probs == sorted(log_probs, reverse=True)
+    body = response.json()
+    candidates = body["candidates"]
+    assert len(candidates) == 3 and len({c["caption"] for c in candidates}) == 3  # three different beams
+    d = body["decoding"]
+    assert (d["method"], d["beam_size"], d["num_captions"]) == ("beam", 4, 3)  # the form fields were used
+    # Beam search ranks by its score, log p / (words + END) ** length_penalty, not by log p itself.
+    scores = [c["log_prob"] / (len(c["caption"].split()) + 1) ** d["length_penalty"] for c in candidates]
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_more_captions_than_the_default_beam_widens_it(client, photo):

@@ -9,7 +9,7 @@ from captioner import train
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.encoder import get_backbone
 from captioner.model import AttentionDecoder, CaptionerConfig, hard_attention_loss, hard_context
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.test_train import _args, _rows
 
 
