@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from captioner.api import Captioner
 from captioner.decoding import DecodingOptions
 from captioner.images import ImageError, open_image
+from captioner.visualize import attention_style
 
 from .batching import CaptionJob, Done, MicroBatcher, NotRunning, Overloaded
 from .dependencies import BatcherDep, CaptionerDep, RunningBatcherDep, SettingsDep
@@ -37,6 +38,7 @@ from .settings import Settings
 from .uploads import Upload, params_with_form_fields, receive_upload, upload_openapi
 
 STATIC = Path(__file__).resolve().parent / "static"
+ATTENTION_STYLE = attention_style()
 
 api = APIRouter()  # the API proper
 probes = APIRouter()  # liveness and readiness, for orchestrators
@@ -171,3 +173,9 @@ async def readyz(batcher: RunningBatcherDep, captioner: CaptionerDep) -> HealthR
 @pages.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@pages.get("/attention-style.json", include_in_schema=False)
+async def attention_colours() -> dict[str, Any]:
+    """The figures' colour lookup table and opacity, so the page colours attention maps exactly as they do."""
+    return ATTENTION_STYLE

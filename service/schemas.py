@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from captioner.api import CaptionResult
 from captioner.options import DecodingOptions, decoding_fields
+from captioner.visualize import attention_payload
 
 
 def decoding_model(name: str, doc: str, *, optional: bool = False, limits: bool = True,
@@ -80,10 +81,14 @@ class GridOut(BaseModel):
 
 
 class AttentionOut(BaseModel):
-    grid: GridOut
+    """The best caption's attention maps: captioner.visualize.attention_payload, the shape `captioner visualize
+    --json` writes too."""
+
     tokens: list[str] = Field(description="the best caption's words, <end> included: one map each")
-    weights: list[list[float]] = Field(description="per token, height*width weights (row-major) summing to 1")
+    alphas: list[list[list[float]]] = Field(description="per token, a height x width map (rows of the feature "
+                                            "grid, top to bottom) summing to 1")
     betas: list[float] = Field(description="per token, the gate: how much the word used the image at all")
+    grid: GridOut
 
 
 class TimingOut(BaseModel):
@@ -123,13 +128,7 @@ class HealthResponse(BaseModel):
 
 def attention_out(result: CaptionResult, decimals: int = 6) -> AttentionOut:
     best = result.candidates[0]
-    height, width = result.grid
-    return AttentionOut(
-        grid=GridOut(height=height, width=width),
-        tokens=best.words,
-        weights=[[round(w, decimals) for w in row] for row in best.alphas.tolist()],
-        betas=[round(b, decimals) for b in best.betas.tolist()],
-    )
+    return AttentionOut(**attention_payload(best.words, best.alphas, best.betas, result.grid, decimals))
 
 
 def decoding_out(options: DecodingOptions) -> DecodingOut:

@@ -160,11 +160,18 @@ def test_attention_maps_for_every_word(client, photo):
     assert (height, width) == (14, 14)
     tokens = attention["tokens"]
     assert tokens[-1] == "<end>" and " ".join(tokens[:-1]) == body["caption"]
-    assert len(attention["weights"]) == len(tokens) == len(attention["betas"])
-    for row in attention["weights"]:
-        assert len(row) == height * width
-        assert sum(row) == pytest.approx(1.0, abs=1e-3)
+    alphas = np.asarray(attention["alphas"])  # the payload `captioner visualize --json` writes: T x h x w
+    assert alphas.shape == (len(tokens), height, width) == (len(attention["betas"]), 14, 14)
+    assert alphas.sum(axis=(1, 2)) == pytest.approx(np.ones(len(tokens)), abs=1e-3)
     assert all(0.0 <= b <= 1.0 for b in attention["betas"])
+
+
+def test_page_gets_the_figures_colour_ramp(client):
+    from captioner.visualize import DEFAULT_OPACITY, attention_colours
+
+    style = client.get("/attention-style.json").json()
+    assert np.array_equal(np.asarray(style["colours"]), attention_colours())
+    assert style["opacity"] == DEFAULT_OPACITY
 
 
 def test_seeded_sampling_is_reproducible(client, photo):
