@@ -9,8 +9,7 @@ from captioner import train
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.encoder import get_backbone
 from captioner.model import AttentionDecoder, CaptionerConfig, hard_attention_loss, hard_context
-from tests.helpers import tiny_config
-from tests.test_train import _args, _rows
+from tests.helpers import metrics_rows, tiny_config, train_args
 
 
 def test_hard_attention_selects_exactly_one_location_per_sampled_row():
@@ -90,8 +89,8 @@ def test_entropy_bonus_pushes_alpha_towards_spreading_out():
 def test_hard_attention_and_gru_train_without_nans_and_resume_exactly(tmp_path, coco_mini):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     variant = dict(attention="hard", cell="gru")
-    train.main(_args(tmp_path, coco_mini, straight, epochs=3, **variant))
-    rows = _rows(straight)
+    train.main(train_args(tmp_path, coco_mini, straight, epochs=3, **variant))
+    rows = metrics_rows(straight)
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_perplexity"]) for r in rows)
     assert rows[-1]["train_cross_entropy"] < rows[0]["train_cross_entropy"]
     decoder = load_checkpoint(straight / "last.pt").decoder
@@ -99,8 +98,8 @@ def test_hard_attention_and_gru_train_without_nans_and_resume_exactly(tmp_path, 
     assert decoder.config.attention == "hard" and decoder.config.cell == "gru"
     assert int(decoder.reinforce_updates) == 3 * 5  # one update per batch: 35 captions in batches of 8
     assert float(decoder.reinforce_baseline) < 0  # a moving average of log-likelihoods
-    train.main(_args(tmp_path, coco_mini, interrupted, epochs=2, **variant))
-    train.main(_args(tmp_path, coco_mini, interrupted, epochs=3, resume=True, **variant))
+    train.main(train_args(tmp_path, coco_mini, interrupted, epochs=2, **variant))
+    train.main(train_args(tmp_path, coco_mini, interrupted, epochs=3, resume=True, **variant))
     b = load_checkpoint(interrupted / "last.pt").decoder
     for (name, x), (_, y) in zip(decoder.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
