@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .coco import load_caption_texts
-from .encoder import Encoder
+from .encoder import Encoder, Preprocessing, get_backbone
 from .model import AttentionDecoder, caption_loss
 from .train import add_model_arguments, config_from_args
 from .utils import optimizer_step, set_seed, setup_logging
@@ -109,11 +109,15 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     train_ids = [vocab.encode(t, args.max_words) for t in corpus[n_holdout:]]
     log.info("LM text: %d captions (%d held out), vocabulary %d words", len(train_ids), len(holdout), len(vocab))
 
-    # The backbone itself (untrained: only its sizes and preprocessing matter here) gives D, the class count and
-    # the preprocessing, as in `captioner train`. Its RNG use comes after the seeding above, so runs repeat exactly.
-    with torch.random.fork_rng():
-        encoder = Encoder(args.encoder, pretrained=False, image_size=args.image_size)
-    decoder = AttentionDecoder(config_from_args(args, len(vocab), encoder)).to(device)
+    # The backbone's own values, as in `captioner train`: D and preprocessing from its registry entry, and with
+    # --semantic the class count of its classifier (an untrained copy is enough to read it; its random numbers
+    # are drawn aside, so the decoder starts exactly as it would without it).
+    spec = get_backbone(args.encoder)
+    classes = 0
+    if args.semantic:
+        with torch.random.fork_rng():
+            classes = Encoder(args.encoder, pretrained=False, image_size=args.image_size).classifier.out_features
+    decoder = AttentionDecoder(config_from_args(args, len(vocab), spec.feature_dim, classes)).to(device)
     # AdamW as in training (without weight decay it is Adam).
     optimizer = torch.optim.AdamW([p for p in decoder.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
@@ -129,6 +133,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                  row["holdout_perplexity"])
         with (args.output_dir / "lm_metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
-    save_checkpoint(args.output_dir / "lm.pt", decoder, vocab, encoder.name, encoder.preprocessing,
+    preprocessing = Preprocessing(args.image_size, spec.mean, spec.std)  # what Encoder(args.encoder) would use
+    save_checkpoint(args.output_dir / "lm.pt", decoder, vocab, spec.name, preprocessing,
                     metrics={"lm": history[-1] if history else {}})
     return history[-1] if history else {}

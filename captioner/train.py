@@ -92,18 +92,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return model
 
 
-def config_from_args(args: argparse.Namespace, vocab_size: int, encoder: Encoder) -> CaptionerConfig:
-    """The decoder's architecture from the model flags; D and the class count come from the backbone itself."""
+def config_from_args(args: argparse.Namespace, vocab_size: int, feature_dim: int, classes: int) -> CaptionerConfig:
+    """The decoder's architecture from the model flags; D (`feature_dim`) and the number of classes of its
+    classifier (used with --semantic) come from the backbone itself."""
     return CaptionerConfig(
         vocab_size=vocab_size,
-        feature_dim=encoder.feature_dim,
+        feature_dim=feature_dim,
         embed_dim=args.embed_dim,
         hidden_dim=args.hidden_dim,
         attention_dim=args.attention_dim,
         num_layers=args.num_layers,
         dropout=args.dropout,
         tie_weights=args.tie_weights,
-        semantic_classes=encoder.classifier.out_features if args.semantic else 0,
+        semantic_classes=classes if args.semantic else 0,
         cell=args.cell,
         attention=args.attention,
     )
@@ -576,7 +577,8 @@ def build_decoder(args: argparse.Namespace, vocab: Vocabulary, encoder: Encoder,
                 log.warning("--%s %s ignored: the checkpoint's decoder has %s %s", option, getattr(args, option),
                             option, getattr(decoder.config, option))
     else:
-        decoder = AttentionDecoder(config_from_args(args, len(vocab), encoder))
+        decoder = AttentionDecoder(config_from_args(args, len(vocab), encoder.feature_dim,
+                                                    encoder.classifier.out_features))
     if start.resume is None and decoder.config.semantic_classes:
         # The frozen class head is a copy of this backbone's classifier (an LM checkpoint only has a placeholder).
         decoder.class_head.load_state_dict(encoder.classifier.state_dict())

@@ -6,7 +6,7 @@ Attention maps are drawn one way, here and on the service's web page (service/st
 - upsampling (`upsample_attention`): bilinear with half-pixel centres (PyTorch's align_corners=False), onto the
   whole displayed photo (the encoder squashed the whole photo to a square, so the grid covers all of it), then
   scaled by the map's own peak (`normalize_heat`);
-- colour (`ATTENTION_STYLE`): the `attention_colours()` lookup table (matplotlib's jet, 256 RGB entries) blended
+- colour (`attention_style()`): the `attention_colours()` lookup table (matplotlib's jet, 256 RGB entries) blended
   over the photo at 50% opacity. The page fetches this table and the opacity from the service
   (/attention-style.json) and upsamples the same way in JavaScript.
 
@@ -25,14 +25,17 @@ import math
 import sys
 import textwrap
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FORMATS = ("png", "pdf", "gif")
 DEFAULT_COLUMNS = 5
@@ -79,8 +82,15 @@ def normalize_heat(heat: np.ndarray) -> np.ndarray:
 
 def attention_colours(cmap: str = DEFAULT_CMAP) -> np.ndarray:
     """The colour ramp as a lookup table: (256, 3) uint8, entry i for heat in [i / 256, (i + 1) / 256)."""
-    return (matplotlib.colormaps[cmap].resampled(COLOUR_LEVELS)(np.arange(COLOUR_LEVELS))[:, :3] * 255).round().astype(
-        np.uint8)
+    return _colour_table(cmap).copy()
+
+
+@cache
+def _colour_table(cmap: str) -> np.ndarray:
+    import matplotlib  # here, not at import: the service imports this module and needs matplotlib only once
+
+    table = matplotlib.colormaps[cmap].resampled(COLOUR_LEVELS)(np.arange(COLOUR_LEVELS))[:, :3]
+    return (table * 255).round().astype(np.uint8)
 
 
 def colour_index(heat: np.ndarray) -> np.ndarray:
@@ -163,6 +173,8 @@ def render_figure(image: Image.Image, words: Sequence[str], alphas: torch.Tensor
     """The paper's figure: the photo, then one panel per word (END included) with its attention overlaid and
     the word and gate beta as the title. Panels wrap after `columns`. Axes are labelled "image" and "word-<t>"
     so callers (and tests) can find the word panels."""
+    from matplotlib.figure import Figure
+
     if len(words) == 0:
         raise ValueError("nothing to draw: no generated words")
     if columns < 1:
@@ -200,6 +212,8 @@ def word_axes(fig: Figure) -> list:
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     # matplotlib ships DejaVu Sans, which has "β"; PIL's bitmap default font does not.
+    import matplotlib
+
     try:
         return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
     except OSError:

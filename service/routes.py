@@ -38,7 +38,6 @@ from .settings import Settings
 from .uploads import Upload, params_with_form_fields, receive_upload, upload_openapi
 
 STATIC = Path(__file__).resolve().parent / "static"
-ATTENTION_STYLE = attention_style()
 
 api = APIRouter()  # the API proper
 probes = APIRouter()  # liveness and readiness, for orchestrators
@@ -178,4 +177,4 @@ async def index() -> FileResponse:
 @pages.get("/attention-style.json", include_in_schema=False)
 async def attention_colours() -> dict[str, Any]:
     """The figures' colour lookup table and opacity, so the page colours attention maps exactly as they do."""
-    return ATTENTION_STYLE
+    return attention_style()
