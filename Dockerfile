@@ -20,14 +20,12 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 
 COPY pyproject.toml README.md ./
+# The shipped model is package data (captioner/weights/): `pip install .` installs it with the code.
 COPY captioner ./captioner
 COPY service ./service
 RUN pip install .
 
-# The shipped model. The installed package cannot see /app/data on its own, hence the variable.
-COPY data/captioner-default.pt ./data/captioner-default.pt
-ENV CAPTIONER_CHECKPOINT=/app/data/captioner-default.pt \
-    CAPTIONER_DEVICE=cpu
+ENV CAPTIONER_DEVICE=cpu
 
 RUN useradd --create-home --uid 1000 captioner
 USER captioner

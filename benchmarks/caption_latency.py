@@ -1,6 +1,6 @@
 """Per-image latency of captioning on CPU: encoder and decoder timed separately.
 
-    python benchmarks/caption_latency.py [--checkpoint data/captioner-default.pt] [--repeats 3]
+    python benchmarks/caption_latency.py [--checkpoint captioner/weights/captioner-default.pt] [--repeats 3]
 
 Prints milliseconds per image for greedy and beam-3 decoding at batch 1 and batch 16, on real coco-mini
 photos. Encoder time does not depend on the decoding method, so it is measured once per batch size.

@@ -5,7 +5,7 @@ request through the model at a time). At each concurrency level, a bounded numbe
 photos, multipart uploads) goes to each in turn from that many concurrent clients; it prints requests/s,
 p50/p95 latency and the mean batch size the server formed.
 
-    python benchmarks/load_service.py --checkpoint data/captioner-default.pt
+    python benchmarks/load_service.py --checkpoint captioner/weights/captioner-default.pt
     python benchmarks/load_service.py --checkpoint runs/mini/best.pt --concurrency 1 4 16 --requests 32
     python benchmarks/load_service.py --untrained     # no checkpoint needed: default-size decoder, random weights
 """

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -16,13 +17,15 @@ from .encoder import Encoder, prepare_cpu_inference
 from .images import DEFAULT_MAX_PIXELS, open_image
 from .options import recommended_options
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_CHECKPOINT_NAME = "captioner-default.pt"
 
-
-def default_checkpoint_path() -> Path:
-    """$CAPTIONER_CHECKPOINT, else the model shipped in the repository's data/ folder."""
-    return Path(os.environ.get("CAPTIONER_CHECKPOINT", REPO_DATA / DEFAULT_CHECKPOINT_NAME))
+def default_checkpoint_path(environ: Mapping[str, str] | None = None) -> Path:
+    """$CAPTIONER_CHECKPOINT, else the model shipped inside the package (captioner/weights/, package data: it
+    travels with a wheel or a non-editable install). `environ={}` gives the shipped model whatever is set."""
+    environ = os.environ if environ is None else environ
+    if override := environ.get("CAPTIONER_CHECKPOINT"):
+        return Path(override)
+    # Installed packages live on the file system (wheels are unpacked), so the resource is a real file.
+    return Path(str(resources.files(__package__) / "weights" / "captioner-default.pt"))
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """One checkpoint file: decoder state_dict + config + vocabulary + encoder name + preprocessing.
 
+An ensemble file (format 2) holds a list of members, each a decoder config + state_dict, instead of one;
+everything else (vocabulary, encoder, preprocessing) is shared, and `load_checkpoint` returns an
+`EnsembleDecoder` for it.
+
 Plain tensors, dicts, lists and numbers only, so `torch.load(weights_only=True)` reads it and no pickled
 module ever has to match the code that loads it. Writes are atomic: a killed run leaves the previous file.
 """
@@ -15,11 +19,12 @@ from typing import Any
 import torch
 
 from .encoder import Preprocessing, get_backbone
+from .ensemble import EnsembleDecoder
 from .model import AttentionDecoder, CaptionerConfig
 from .vocab import Vocabulary
 
 FORMAT = "captioner-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ensembles ("members"); single-model files are still written as 1, readable by older code
 
 
 class CheckpointError(ValueError):
@@ -28,7 +33,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    decoder: AttentionDecoder
+    decoder: AttentionDecoder | EnsembleDecoder
     vocab: Vocabulary
     encoder_name: str
     preprocessing: Preprocessing
@@ -40,6 +45,10 @@ class Checkpoint:
     @property
     def config(self) -> CaptionerConfig:
         return self.decoder.config
+
+    @property
+    def is_ensemble(self) -> bool:
+        return isinstance(self.decoder, EnsembleDecoder)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -60,7 +69,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def save_checkpoint(
     path: str | Path,
-    decoder: AttentionDecoder,
+    decoder: AttentionDecoder | EnsembleDecoder,
     vocab: Vocabulary,
     encoder_name: str,
     preprocessing: Preprocessing,
@@ -70,24 +79,32 @@ def save_checkpoint(
     training: dict[str, Any] | None = None,
     half: bool = False,
 ) -> None:
-    """Write a checkpoint. `half=True` stores float weights as fp16 (for shipping; loads back as fp32)."""
-    state = {k: v.detach().cpu() for k, v in decoder.state_dict().items()}
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_config": decoder.config.to_json(),
-        "model_state": state,
+    """Write a checkpoint (one decoder, or an ensemble's members). `half=True` stores float weights as fp16
+    (for shipping; they load back as fp32)."""
+    payload: dict[str, Any] = {"format": FORMAT}
+    if isinstance(decoder, EnsembleDecoder):
+        payload["format_version"] = 2
+        payload["members"] = [_decoder_payload(m, half) for m in decoder.members]
+    else:
+        payload["format_version"] = 1
+        payload.update(_decoder_payload(decoder, half))
+    payload.update({
         "vocab": vocab.to_json(),
         "encoder": {"name": encoder_name, "preprocessing": preprocessing.to_json()},
         "metrics": metrics or {},
-    }
+    })
     if encoder_state is not None:
         payload["encoder_state"] = {k: v.detach().cpu() for k, v in encoder_state.items()}
     if training is not None:
         payload["training"] = training
     atomic_torch_save(payload, path)
+
+
+def _decoder_payload(decoder: AttentionDecoder, half: bool) -> dict[str, Any]:
+    state = {k: v.detach().cpu() for k, v in decoder.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return {"model_config": decoder.config.to_json(), "model_state": state}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -107,31 +124,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"({FORMAT_VERSION}); upgrade captioner"
         )
     try:
-        config = CaptionerConfig.from_json(payload["model_config"])
         vocab = Vocabulary.from_json(payload["vocab"])
         encoder_name = payload["encoder"]["name"]
         preprocessing = Preprocessing.from_json(payload["encoder"]["preprocessing"])
+        members = payload["members"] if "members" in payload else [payload]
+        configs = [CaptionerConfig.from_json(m["model_config"]) for m in members]
+        states = [m["model_state"] for m in members]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: incomplete checkpoint ({exc})") from exc
-    if config.vocab_size != len(vocab):
-        raise CheckpointError(
-            f"{path}: vocabulary mismatch: the model predicts {config.vocab_size} words but the stored "
-            f"vocabulary has {len(vocab)}"
-        )
+    if not configs:
+        raise CheckpointError(f"{path}: an ensemble checkpoint without members")
     try:
         backbone = get_backbone(encoder_name)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    if backbone.feature_dim != config.feature_dim:
-        raise CheckpointError(
-            f"{path}: encoder mismatch: {encoder_name} gives {backbone.feature_dim}-d features but the "
-            f"decoder was built for {config.feature_dim}-d"
-        )
-    decoder = AttentionDecoder(config)
-    try:
-        decoder.load_state_dict(payload["model_state"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the stored model config: {exc}") from exc
+    decoders = [_build_decoder(path, config, state, len(vocab), encoder_name, backbone.feature_dim)
+                for config, state in zip(configs, states, strict=True)]
+    decoder = EnsembleDecoder(decoders) if "members" in payload else decoders[0]
     return Checkpoint(
         decoder=decoder,
         vocab=vocab,
@@ -144,6 +153,50 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
+def _build_decoder(
+    path: Path, config: CaptionerConfig, state: dict, vocab_size: int, encoder_name: str, feature_dim: int
+) -> AttentionDecoder:
+    """One decoder from its stored config and weights, checked against the vocabulary and the backbone."""
+    if config.vocab_size != vocab_size:
+        raise CheckpointError(
+            f"{path}: vocabulary mismatch: the model predicts {config.vocab_size} words but the stored "
+            f"vocabulary has {vocab_size}"
+        )
+    if feature_dim != config.feature_dim:
+        raise CheckpointError(
+            f"{path}: encoder mismatch: {encoder_name} gives {feature_dim}-d features but the "
+            f"decoder was built for {config.feature_dim}-d"
+        )
+    decoder = AttentionDecoder(config)
+    try:
+        decoder.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the stored model config: {exc}") from exc
+    return decoder
+
+
+def ensemble_checkpoints(paths: list[str | Path]) -> Checkpoint:
+    """One ensemble from several checkpoints over the same backbone and vocabulary (seeds or epochs of a
+    recipe; architectures may differ). Ensembles among them contribute their members."""
+    if not paths:
+        raise ValueError("nothing to ensemble: give at least one checkpoint")
+    checkpoints = [load_checkpoint(p) for p in paths]
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        if other.vocab != first.vocab or other.encoder_name != first.encoder_name:
+            raise CheckpointError(
+                f"{other.path} cannot join an ensemble with {first.path}: vocabulary or encoder differ"
+            )
+        if other.preprocessing != first.preprocessing:
+            raise CheckpointError(f"{other.path} and {first.path}: preprocessing differs")
+    if any(c.encoder_state is not None for c in checkpoints):
+        raise CheckpointError("ensembles share the frozen backbone: checkpoints with a fine-tuned encoder cannot join")
+    members = [m for c in checkpoints for m in (c.decoder.members if c.is_ensemble else [c.decoder])]
+    return Checkpoint(decoder=EnsembleDecoder(members), vocab=first.vocab, encoder_name=first.encoder_name,
+                      preprocessing=first.preprocessing,
+                      metrics={"ensemble_of": [str(c.path) for c in checkpoints]})
+
+
 def average_checkpoints(paths: list[str | Path]) -> Checkpoint:
     """Checkpoint averaging: one model whose weights are the element-wise mean of these checkpoints'.
 
@@ -154,6 +207,8 @@ def average_checkpoints(paths: list[str | Path]) -> Checkpoint:
         raise ValueError("nothing to average: give at least one checkpoint")
     checkpoints = [load_checkpoint(p) for p in paths]
     first = checkpoints[0]
+    if any(c.is_ensemble for c in checkpoints):
+        raise CheckpointError("ensembles cannot be weight-averaged: average each member's run instead")
     for other in checkpoints[1:]:
         if other.config != first.config or other.vocab != first.vocab or other.encoder_name != first.encoder_name:
             raise CheckpointError(

@@ -11,12 +11,23 @@ from . import evaluate, lm, train
 from .options import add_decoding_arguments, decoding_options
 
 
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", type=Path,
+                   help="image files (JPEG, PNG, WebP, HEIC, AVIF, GIF, ...) or folders of them")
+    p.add_argument("--recursive", action="store_true", help="also look for images in the folders' subfolders")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: on a terminal, for more than 8 images)")
+
+
 def _caption_parser(sub) -> None:
-    p = sub.add_parser("caption", help="caption image files", description="Caption one or more images.")
-    p.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, GIF, ...)")
+    p = sub.add_parser("caption", help="caption image files or folders",
+                       description="Caption images: files, or folders of them (their images found by extension or "
+                                   "content, sorted; other files reported and skipped). One line, or one JSON "
+                                   "object, per image, printed as soon as its batch is done.")
+    _add_input_arguments(p)
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per pass through the model")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     add_decoding_arguments(p)
     p.set_defaults(func=_run_caption)
@@ -24,45 +35,54 @@ def _caption_parser(sub) -> None:
 
 def _run_caption(args: argparse.Namespace) -> int:
     from .api import load_captioner
-    from .images import ImageError, open_image
+    from .imagefiles import emit, find_images, progress_bar, read_batches
 
+    if args.batch_size < 1:
+        print("captioner caption: error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
     options = decoding_options(args)
+    paths, skipped = find_images(args.images, args.recursive)
     captioner = load_captioner(args.checkpoint, device=args.device)
     failures = 0
-    for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
-        opened, errors = [], {}
-        for path in paths:
-            try:
-                opened.append((path, open_image(path)))
-            except ImageError as exc:
-                errors[path] = str(exc)
-        results = iter(captioner.caption([im for _, im in opened], options)) if opened else iter(())
-        readable = {path for path, _ in opened}
-        for path in paths:  # keep the order the user gave
-            if path not in readable:
-                failures += 1
-                _print_caption_error(path, errors[path], args.json)
-                continue
-            result = next(results)
-            if args.json:
-                print(json.dumps({
-                    "image": str(path),
-                    "caption": result.caption,
-                    "candidates": [{"caption": c.caption, "log_prob": c.log_prob} for c in result.candidates],
-                }))
-            else:
-                print(f"{path}: {result.caption}")
-                for c in result.candidates[1:]:
-                    print(f"    {c.log_prob:8.3f}  {c.caption}")
-    return 1 if failures == len(args.images) else 0
+    with progress_bar(len(paths), args.progress) as bar:
+        for item in skipped:
+            emit(bar, *_skip_line(item.path, item.reason, args.json))
+        for batch in read_batches(paths, args.batch_size):
+            readable = [(path, image) for path, image in batch if not isinstance(image, Exception)]
+            results = iter(captioner.caption([im for _, im in readable], options)) if readable else iter(())
+            for path, image in batch:  # keep the order the user gave
+                if isinstance(image, Exception):
+                    failures += 1
+                    emit(bar, *_caption_error_line(path, str(image), args.json))
+                else:
+                    emit(bar, _caption_line(path, next(results), args.json))
+            bar.update(len(batch))
+    if not paths:
+        print(f"captioner caption: error: no images in {' '.join(map(str, args.images))}", file=sys.stderr)
+    return 1 if failures == len(paths) else 0
 
 
-def _print_caption_error(path: Path, message: str, as_json: bool) -> None:
+def _caption_line(path: Path, result, as_json: bool) -> str:
     if as_json:
-        print(json.dumps({"image": str(path), "error": message}))
-    else:
-        print(f"{path}: error: {message}", file=sys.stderr)
+        return json.dumps({
+            "image": str(path),
+            "caption": result.caption,
+            "candidates": [{"caption": c.caption, "log_prob": c.log_prob} for c in result.candidates],
+        })
+    return "\n".join([f"{path}: {result.caption}", *(f"    {c.log_prob:8.3f}  {c.caption}"
+                                                      for c in result.candidates[1:])])
+
+
+def _caption_error_line(path: Path, message: str, as_json: bool) -> tuple[str, object]:
+    if as_json:
+        return json.dumps({"image": str(path), "error": message}), sys.stdout
+    return f"{path}: error: {message}", sys.stderr
+
+
+def _skip_line(path: Path, reason: str, as_json: bool) -> tuple[str, object]:
+    if as_json:
+        return json.dumps({"image": str(path), "skipped": reason}), sys.stdout
+    return f"{path}: skipped: {reason}", sys.stderr
 
 
 def _train_parser(sub) -> None:
@@ -80,17 +100,22 @@ def _pretrain_lm_parser(sub) -> None:
 
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a slim checkpoint for shipping (no optimizer state, optional fp16)",
-                       description="Copy a checkpoint without its training state, optionally in fp16.")
-    p.add_argument("checkpoint", type=Path)
+                       description="Copy a checkpoint without its training state, optionally in fp16; with "
+                                   "--ensemble, write several checkpoints over one backbone and vocabulary as "
+                                   "one ensemble file (their log-probabilities are averaged at every step).")
+    p.add_argument("checkpoints", type=Path, nargs="+", metavar="checkpoint")
+    p.add_argument("--ensemble", action="store_true", help="combine all the given checkpoints into one ensemble")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--half", action="store_true", help="store float weights as fp16 (they load back as fp32)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import ensemble_checkpoints, load_checkpoint, save_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
+    if len(args.checkpoints) > 1 and not args.ensemble:
+        raise SystemExit("several checkpoints: pass --ensemble to combine them into one ensemble file")
+    ckpt = ensemble_checkpoints(args.checkpoints) if args.ensemble else load_checkpoint(args.checkpoints[0])
     save_checkpoint(args.output, ckpt.decoder, ckpt.vocab, ckpt.encoder_name, ckpt.preprocessing,
                     encoder_state=ckpt.encoder_state, metrics=ckpt.metrics, half=args.half)
     print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB")
@@ -128,7 +153,7 @@ def _visualize_parser(sub) -> None:
     p = sub.add_parser("visualize", help="draw where the model looked for each word",
                        description="Caption images and draw each word's attention map over the photo: a PNG or "
                                    "PDF figure, or an animated GIF (by the extension of -o).")
-    p.add_argument("images", nargs="+", type=Path, help="image files")
+    _add_input_arguments(p)
     p.add_argument("-o", "--output", default=None,
                    help="file (.png, .pdf, .gif) for one image, or a folder (several images, or ending in /); "
                         "default: <stem>-attention.png here")
@@ -137,6 +162,7 @@ def _visualize_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--columns", type=int, default=5, help="panels per row")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pass through the model")
     p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x h x w) and betas as JSON")
     add_decoding_arguments(p, num_captions=False)
     p.set_defaults(func=_run_visualize)

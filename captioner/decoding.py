@@ -5,16 +5,21 @@ Written once and shared by the CLI, the HTTP service, evaluation and visualisati
 - stops a caption at END, and at `max_length` words by forcing END on the step after (so every caption
   ends with END, none is empty, and beam search always has finished hypotheses to return);
 - returns the attention map (T, L) and gate beta (T,) of every generated token, END included.
+
+One rule for every method: blocked words (PAD/START/UNK, END too early, repeated n-grams) are masked out of the
+choice (`choice_logits`), and a caption's `log_prob` is the model's own log-probability of its words (log-softmax
+over the whole vocabulary), so the same caption gets the same number from greedy, sampling and beam search.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .model import AttentionDecoder, DecoderState
+from .model import DecoderState
 from .options import RECOMMENDED, DecodingOptions, Method  # noqa: F401 (defined in options.py, used from here too)
 from .vocab import Vocabulary
 
@@ -24,15 +29,23 @@ END_ID = Vocabulary.end_id
 @dataclass
 class Hypothesis:
     tokens: list[int]  # generated ids: START excluded, END included
-    log_prob: float  # sum of log p(token) under the model (allowed tokens only, temperature 1)
-    score: float  # what the method ranked by (length-normalised log p for beam search)
+    log_prob: float  # sum of the model's own log p(token) (log-softmax over the whole vocabulary, temperature 1)
+    score: float  # what the method ranked by: log_prob for greedy/sampling, / len**length_penalty for beam search
     alphas: torch.Tensor = field(repr=False)  # (T, L)
     betas: torch.Tensor = field(repr=False)  # (T,)
     truncated: bool = False  # END was forced at max_length
 
 
+class StepDecoder(Protocol):
+    """What decoding needs of a model: a single decoder or an ensemble (`captioner.ensemble`)."""
+
+    def init_state(self, features: torch.Tensor) -> DecoderState: ...
+
+    def step(self, state, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DecoderState]: ...
+
+
 def generate(
-    decoder: AttentionDecoder,
+    decoder: StepDecoder,
     features: torch.Tensor,
     vocab: Vocabulary,
     options: DecodingOptions | None = None,
@@ -74,6 +87,17 @@ def allowed_logits(logits: torch.Tensor, vocab: Vocabulary, step: int, max_lengt
     return logits
 
 
+def choice_logits(
+    logits: torch.Tensor, vocab: Vocabulary, step: int, max_length: int, histories: list[list[int]], no_repeat: int
+) -> torch.Tensor:
+    """The one rule every method chooses by: `logits` (N, V) with every blocked word at -inf (PAD/START/UNK,
+    END too early, anything but END too late, repeated n-grams of each row's `histories`)."""
+    allowed = allowed_logits(logits, vocab, step, max_length)
+    if no_repeat > 0:
+        ban_repeated_ngrams(allowed, histories, no_repeat)
+    return allowed
+
+
 def sample_tokens(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
 ) -> torch.Tensor:
@@ -102,11 +126,9 @@ def _decode_stepwise(decoder, features, vocab, max_length, choose, no_repeat_ngr
     steps_tokens, steps_logp, steps_alpha, steps_beta = [], [], [], []
     for t in range(max_length + 1):
         logits, alpha, state = decoder.step(state, tokens)
-        logits = allowed_logits(logits, vocab, t, max_length)
-        if no_repeat_ngram_size > 0 and steps_tokens:
-            ban_repeated_ngrams(logits, torch.stack(steps_tokens, 1).tolist(), no_repeat_ngram_size)
-        chosen = choose(logits)  # (N,)
-        logp = F.log_softmax(logits, dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1)  # (N,)
+        histories = torch.stack(steps_tokens, 1).tolist() if no_repeat_ngram_size and steps_tokens else []
+        chosen = choose(choice_logits(logits, vocab, t, max_length, histories, no_repeat_ngram_size))  # (N,)
+        logp = F.log_softmax(logits, dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1)  # (N,) the model's own
         chosen = chosen.masked_fill(done, vocab.pad_id)
         steps_tokens.append(chosen)
         steps_logp.append(logp.masked_fill(done, 0.0))
@@ -160,16 +182,19 @@ def _banned_ngram_tokens(history: list[int], n: int) -> set[int]:
 
 
 def beam_search(
-    decoder: AttentionDecoder,
+    decoder: StepDecoder,
     features: torch.Tensor,
     vocab: Vocabulary,
     options: DecodingOptions,
 ) -> list[list[Hypothesis]]:
     """Batched beam search. features (B, L, D) -> per image its n-best (<= num_captions), best first.
 
-    A hypothesis that emits END is set aside as finished; an image is done once it has K finished ones.
-    Because END is forced on the step after `max_length` words, every image ends with finished
-    hypotheses: no crash and no empty output when no beam says END on its own.
+    Each step every image expands its K alive beams and ranks the 2K best candidates by cumulative log p.
+    A candidate that says END is set aside as finished only if it ranks within the top K (a worse one would
+    not have survived as a beam either); the K best other candidates stay alive. An image is done when it
+    has K finished hypotheses and no alive beam can still beat the K-th of them under the length penalty
+    (`_best_reachable_score`). END is forced on the step after `max_length` words, so every image ends with
+    finished hypotheses: no crash and no empty output when no beam says END on its own.
     """
     b, k = features.size(0), options.beam_size
     device = features.device
@@ -181,39 +206,45 @@ def beam_search(
     alpha_history = features.new_zeros(b * k, 0, features.size(1))  # (B*K, t, L)
     beta_history = features.new_zeros(b * k, 0)  # (B*K, t)
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+    done = [False] * b
 
     for t in range(options.max_length + 1):
         logits, alpha, state = decoder.step(state, tokens)
-        logp = F.log_softmax(allowed_logits(logits, vocab, t, options.max_length), dim=-1)  # (B*K, V)
-        if options.no_repeat_ngram_size > 0:
-            ban_repeated_ngrams(logp, history.tolist(), options.no_repeat_ngram_size)
+        histories = history.tolist() if options.no_repeat_ngram_size else []
+        blocked = choice_logits(logits, vocab, t, options.max_length, histories,
+                                options.no_repeat_ngram_size) == float("-inf")
+        logp = F.log_softmax(logits, dim=-1).masked_fill(blocked, float("-inf"))  # (B*K, V) the model's own
         vocab_size = logp.size(1)
         candidates = (scores.view(-1, 1) + logp).view(b, k * vocab_size)  # (B, K*V)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab_size), dim=1)  # (B, 2K)
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab_size), dim=1)  # (B, 2K), best first
         alpha_history = torch.cat([alpha_history, alpha.unsqueeze(1)], dim=1)
         beta_history = torch.cat([beta_history, state.beta], dim=1)
 
         next_rows, next_tokens, next_scores = [], [], []
         for i in range(b):
             alive: list[tuple[int, int, float]] = []
-            for score, index in zip(top_scores[i].tolist(), top_index[i].tolist(), strict=True):
-                row, word = i * k + index // vocab_size, index % vocab_size
-                if score == float("-inf"):
-                    break  # the rest are impossible too
-                if word == vocab.end_id:
-                    if len(finished[i]) < k:
+            if not done[i]:
+                for rank, (score, index) in enumerate(zip(top_scores[i].tolist(), top_index[i].tolist(),
+                                                          strict=True)):
+                    row, word = i * k + index // vocab_size, index % vocab_size
+                    if score == float("-inf") or len(alive) == k:
+                        break  # the rest are impossible, or not needed
+                    if word != vocab.end_id:
+                        alive.append((row, word, score))
+                    elif rank < k:
                         finished[i].append(_finished(history[row], word, score, alpha_history[row],
                                                      beta_history[row], options, t))
-                elif len(alive) < k:
-                    alive.append((row, word, score))
+                finished[i] = sorted(finished[i], key=lambda h: h.score, reverse=True)[:k]
+                done[i] = _image_done(finished[i], [s for _, _, s in alive], k, t + 1, options)
+            if done[i]:
+                alive = []
             # Pad with dead beams so every image keeps K rows (a dead beam has score -inf and is never chosen).
-            while len(alive) < k:
-                alive.append((i * k, vocab.pad_id, float("-inf")))
+            alive += [(i * k, vocab.pad_id, float("-inf"))] * (k - len(alive))
             for row, word, score in alive:
                 next_rows.append(row)
                 next_tokens.append(word)
                 next_scores.append(score)
-        if all(len(f) >= k for f in finished):
+        if all(done):
             break
         rows = torch.tensor(next_rows, device=device)
         tokens = torch.tensor(next_tokens, device=device)
@@ -223,7 +254,30 @@ def beam_search(
         alpha_history = alpha_history.index_select(0, rows)
         beta_history = beta_history.index_select(0, rows)
 
-    return [sorted(f, key=lambda h: h.score, reverse=True)[: options.num_captions] for f in finished]
+    return [f[: options.num_captions] for f in finished]
+
+
+def _image_done(
+    finished: list[Hypothesis], alive_scores: list[float], k: int, words: int, options: DecodingOptions
+) -> bool:
+    """True when `finished` (best first) holds K hypotheses and no alive beam (cumulative log p, `words`
+    tokens so far) can still end with a better score than the K-th; or when nothing is alive any more."""
+    if not alive_scores:
+        return True
+    if len(finished) < k:
+        return False
+    best_alive = max(_best_reachable_score(s, words, options) for s in alive_scores)
+    return best_alive <= finished[-1].score
+
+
+def _best_reachable_score(log_prob: float, words: int, options: DecodingOptions) -> float:
+    """The highest score an alive beam with this cumulative log p and `words` tokens can still finish with.
+    Further words only lower log p (<= 0), so the bound is log p divided by the most favourable length:
+    the longest possible (END after max_length words) when the penalty rewards length, the shortest (END
+    next) otherwise."""
+    if options.length_penalty > 0:
+        return log_prob / (options.max_length + 1) ** options.length_penalty
+    return log_prob / (words + 1) ** options.length_penalty
 
 
 def _finished(past, end_id, log_prob, alphas, betas, options: DecodingOptions, step: int) -> Hypothesis:

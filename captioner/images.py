@@ -13,6 +13,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
+
+# Phone photos: HEIC/HEIF (the iPhone's default) through pillow-heif, registered once for every reader (CLI, API,
+# service, training); AVIF is Pillow's own (its wheels carry libavif). pillow-heif applies the HEIF rotation itself
+# and resets the EXIF orientation, so exif_transpose below never turns a HEIC twice.
+register_heif_opener()
 
 DEFAULT_MAX_PIXELS = 50_000_000  # well above any photo, well below what fills memory
 

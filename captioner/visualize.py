@@ -34,8 +34,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import ImageError
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from .api import CaptionResult
 
 FORMATS = ("png", "pdf", "gif")
 DEFAULT_COLUMNS = 5
@@ -304,41 +308,59 @@ def _unique(stems: list[Path], fmt: str) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Caption each image, write its figure (and JSON), print what was written. Exit 1 if any image failed,
-    2 on bad arguments; the good images are rendered either way."""
+    """Caption each image (folders expanded, in batches), write its figure (and JSON), print what was written as
+    each batch finishes. Exit 1 if any image failed, 2 on bad arguments; the good images are rendered either way."""
     from .api import load_captioner
-    from .images import ImageError, open_image
+    from .imagefiles import emit, find_images, progress_bar, read_batches
     from .options import decoding_options
 
+    images, skipped = find_images(args.images, args.recursive)
     try:
-        outputs = plan_outputs(args.images, args.output, args.format)
+        if not images:
+            raise ValueError(f"no images in {' '.join(map(str, args.images))}")
+        outputs = plan_outputs(images, args.output, args.format)
         options = decoding_options(args)
-        if args.columns < 1 or args.dpi < 1:
-            raise ValueError("--columns and --dpi must be at least 1")
+        if args.columns < 1 or args.dpi < 1 or args.batch_size < 1:
+            raise ValueError("--columns, --dpi and --batch-size must be at least 1")
     except ValueError as exc:
         print(f"captioner visualize: error: {exc}", file=sys.stderr)
         return 2
     captioner = load_captioner(args.checkpoint, device=args.device)
+    out_path = dict(zip(images, outputs, strict=True))
     failures = 0
-    for image_path, out_path in zip(args.images, outputs, strict=True):
-        try:
-            image = open_image(image_path)
-            result = captioner.caption([image], options)[0]
-            best = result.candidates[0]  # greedy's caption, the chosen beam, or the first sample
-            save_visualization(out_path, image, best.words, best.alphas, best.betas, result.grid,
-                               caption=best.caption, columns=args.columns, dpi=args.dpi)
-            written = [out_path]
-            if args.json:
-                payload = {"image": str(image_path), "caption": best.caption,
-                           **attention_payload(best.words, best.alphas, best.betas, result.grid)}
-                json_path = out_path.with_suffix(".json")
-                json_path.write_text(json.dumps(payload) + "\n")
-                written.append(json_path)
-        except (ImageError, OSError) as exc:
-            failures += 1
-            print(f"captioner visualize: error: {exc}", file=sys.stderr)
-            continue
-        print(f"{image_path}: {best.caption}")
-        for path in written:
-            print(f"  wrote {path}")
+    with progress_bar(len(images), args.progress) as bar:
+        for item in skipped:
+            emit(bar, f"{item.path}: skipped: {item.reason}", sys.stderr)
+        for batch in read_batches(images, args.batch_size):
+            readable = [(path, image) for path, image in batch if not isinstance(image, Exception)]
+            results = captioner.caption([im for _, im in readable], options) if readable else []
+            done = dict(zip([path for path, _ in readable], results, strict=True))
+            for image_path, image in batch:
+                try:
+                    if isinstance(image, Exception):
+                        raise image
+                    written = _write_outputs(image_path, image, done[image_path], out_path[image_path], args)
+                except (ImageError, OSError) as exc:
+                    failures += 1
+                    emit(bar, f"captioner visualize: error: {exc}", sys.stderr)
+                    continue
+                emit(bar, "\n".join([f"{image_path}: {done[image_path].candidates[0].caption}",
+                                     *(f"  wrote {path}" for path in written)]))
+            bar.update(len(batch))
     return 1 if failures else 0
+
+
+def _write_outputs(image_path: Path, image: Image.Image, result: CaptionResult, out_path: Path,
+                   args: argparse.Namespace) -> list[Path]:
+    """The figure (or GIF) of one image, and its JSON with --json; returns the paths written."""
+    best = result.candidates[0]  # greedy's caption, the chosen beam, or the first sample
+    save_visualization(out_path, image, best.words, best.alphas, best.betas, result.grid,
+                       caption=best.caption, columns=args.columns, dpi=args.dpi)
+    written = [out_path]
+    if args.json:
+        payload = {"image": str(image_path), "caption": best.caption,
+                   **attention_payload(best.words, best.alphas, best.betas, result.grid)}
+        json_path = out_path.with_suffix(".json")
+        json_path.write_text(json.dumps(payload) + "\n")
+        written.append(json_path)
+    return written

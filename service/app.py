@@ -22,6 +22,8 @@ import captioner
 from captioner.api import load_captioner
 
 from .batching import CaptionRunner, MicroBatcher
+from .docs import app_with_offline_docs
+from .draining import DrainUnreadBody
 from .errors import install_error_handlers
 from .routes import STATIC, api, pages, probes
 from .settings import Settings
@@ -52,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app; its model is loaded when the server starts it (lifespan), not here."""
-    app = FastAPI(
+    app = app_with_offline_docs(  # /docs assets served from fastapi-offline, not a CDN (service/docs.py)
         title="captioner",
         summary="Show, Attend and Tell image captioning over HTTP",
         description="Caption an image with `POST /v1/captions`; the web page is at `/`. Errors are always "
@@ -64,6 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.batcher = None
     app.state.captioner = None
     install_error_handlers(app)
+    # Early answers (413, 401, ...) reach clients that send the whole body first (service/draining.py).
+    app.add_middleware(DrainUnreadBody, max_bytes=app.state.settings.drain_max_bytes,
+                       timeout_s=app.state.settings.drain_timeout_s)
     app.include_router(api)
     app.include_router(probes)
     app.include_router(pages)

@@ -35,7 +35,7 @@ IMAGE_ERRORS = {  # ImageError.kind -> (status, code)
 
 STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
                 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_parameters",
-                500: "internal_error", 503: "unavailable"}
+                500: "internal_error", 503: "unavailable", 401: "unauthorized"}
 
 
 def error_response(status: int, code: str, message: str, details: list | None = None,
@@ -78,6 +78,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "corrupt or truncated image, malformed upload",
+        401: "an API key is required (CAPTIONER_API_KEYS is set) and none, or a wrong one, was sent",
         408: "the upload took longer than upload_timeout_s",
         413: "body over the upload limit, or an image over the pixel limit (decompression bomb)",
         415: "not an image, or a content type other than multipart/form-data or image/*",

@@ -20,6 +20,7 @@ from captioner.decoding import DecodingOptions
 from captioner.images import ImageError, open_image
 from captioner.visualize import attention_style
 
+from .auth import API_KEY
 from .batching import CaptionJob, Done, MicroBatcher, NotRunning, Overloaded
 from .dependencies import BatcherDep, CaptionerDep, RunningBatcherDep, SettingsDep
 from .errors import ERROR_RESPONSES, IMAGE_ERRORS, ApiError
@@ -39,7 +40,7 @@ from .uploads import Upload, params_with_form_fields, receive_upload, upload_ope
 
 STATIC = Path(__file__).resolve().parent / "static"
 
-api = APIRouter()  # the API proper
+api = APIRouter(dependencies=API_KEY)  # the API proper: /v1/*, behind the optional API keys (service/auth.py)
 probes = APIRouter()  # liveness and readiness, for orchestrators
 pages = APIRouter()  # the web page
 

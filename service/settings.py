@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from captioner.options import DecodingOptions, decoding_fields
 
@@ -35,6 +36,14 @@ class Settings(BaseSettings, DecodingDefaults):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)  # whole request body, multipart framing included
     max_pixels: int = Field(40_000_000, ge=1)  # width * height, checked from the header before decoding
     upload_timeout_s: float = Field(30.0, gt=0)  # a client that trickles its body is cut off (408)
+    # After an early answer (413, 401, ...), the unread rest of the body is read and discarded, never kept, up to
+    # these bounds, so that clients that send everything before reading (urllib) see the answer (service/draining.py).
+    drain_max_bytes: int = Field(128 * 1024 * 1024, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    # Access: with keys set, /v1/* needs `Authorization: Bearer KEY` or `X-API-Key: KEY` (service/auth.py); the
+    # health probes, the web page and its static files stay open. CAPTIONER_API_KEYS="key1,key2". Empty: open.
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field((), repr=False)
 
     # Micro-batching: collect up to max_batch requests, waiting at most max_wait_ms after the first.
     max_batch: int = Field(8, ge=1, le=256)  # 1: no batching, one request through the model at a time
@@ -44,6 +53,13 @@ class Settings(BaseSettings, DecodingDefaults):
     # service/batching.py), the whole batch on other devices. The decoder always runs the whole batch.
     encoder_batch: int | None = Field(None, ge=1, le=256)
     request_timeout_s: float = Field(120.0, gt=0)  # waiting for the model longer than this: 503
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: object) -> object:
+        """A comma-separated string (the environment variable) or a list; blanks around keys are dropped."""
+        keys = value.split(",") if isinstance(value, str) else value
+        return tuple(k.strip() for k in keys if k.strip()) if isinstance(keys, list | tuple) else keys
 
     def resolved_encoder_batch(self) -> int:
         if self.encoder_batch is not None:

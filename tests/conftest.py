@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captioner.api import default_checkpoint_path
 from captioner.coco import load_coco_captions
 from captioner.model import AttentionDecoder
 from captioner.vocab import Vocabulary
@@ -52,7 +53,7 @@ def tiny_decoder(vocab) -> AttentionDecoder:
 @pytest.fixture(scope="session")
 def shipped_checkpoint() -> Path:
     """The trained model the repository ships (what a new user gets without --checkpoint)."""
-    path = REPO / "data" / "captioner-default.pt"
+    path = default_checkpoint_path(environ={})
     assert path.is_file(), f"the shipped model {path} is missing"
     return path
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -27,7 +26,7 @@ import pytest
 
 from captioner.visualize import DEFAULT_OPACITY, attention_colours, colour_index, normalize_heat, upsample_attention
 from service.settings import Settings
-from tests.helpers import running_server
+from tests.helpers import CHROMIUM, require_command, running_server
 
 PHOTO = "000000000790.jpg"  # coco-mini/val
 WINDOW = (1200, 900)
@@ -55,13 +54,16 @@ class DevTools:
         while self._file.readline() not in (b"\r\n", b""):  # rest of the handshake's headers
             pass
         self._next_id = 0
+        self.events: list[dict] = []  # protocol events (e.g. Network.requestWillBeSent) seen so far
 
     def call(self, method: str, **params: Any) -> dict:
         self._next_id += 1
         self._send(json.dumps({"id": self._next_id, "method": method, "params": params}).encode())
-        while True:  # events arrive in between; only our answer matters here
+        while True:  # events arrive in between: kept for the tests that look at them
             message = json.loads(self._receive())
-            if message.get("id") == self._next_id:
+            if "method" in message:
+                self.events.append(message)
+            elif message.get("id") == self._next_id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message.get("result", {})
@@ -126,21 +128,18 @@ class DevTools:
 
 
 def find_chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.fail("headless Chromium is needed for the web-page test: `apt-get install chromium` (bash .ci/run does)")
+    return require_command(*CHROMIUM)  # skips with `apt-get install chromium` on a fresh machine, fails in CI
 
 
 @contextmanager
-def chromium(profile: Path) -> Iterator[DevTools]:
+def chromium(profile: Path, extra_args: tuple[str, ...] = ()) -> Iterator[DevTools]:
     """Headless Chromium with a throwaway profile, no network of its own; yields a DevTools client on its tab."""
     command = [
         find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
         "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-extensions", "--hide-scrollbars",
         "--mute-audio", f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={profile}",
-        "--remote-debugging-port=0", "about:blank",
+        "--remote-debugging-port=0", *extra_args, "about:blank",
     ]
     log = (profile.parent / "chromium.log").open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

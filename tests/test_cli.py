@@ -1,12 +1,11 @@
 """`captioner caption` and `captioner evaluate` as a user runs them."""
 
 import json
-import shutil
 
 import pytest
 
 from captioner.cli import main
-from tests.helpers import write_coco_subset
+from tests.helpers import JAVA, require_command, write_coco_subset
 
 
 def test_caption_json_with_a_bad_file_among_good_ones(lite0_checkpoint, coco_mini, tmp_path, capsys):
@@ -47,8 +46,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, coco_mini, capsys):
 
 @pytest.mark.java
 def test_evaluate_prints_all_coco_metrics_and_writes_results(lite0_checkpoint, coco_mini, tmp_path, capsys):
-    if shutil.which("java") is None:
-        pytest.fail("Java is required for METEOR and the PTB tokenizer (CI installs a JRE)")
+    require_command(*JAVA)
     images, captions = write_coco_subset(coco_mini, "val", 4, tmp_path / "data", corrupt=1)
     results = tmp_path / "results.json"
     main(["evaluate", "--checkpoint", str(lite0_checkpoint), "--images", str(images), "--captions", str(captions),

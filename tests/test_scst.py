@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pycocoevalcap.cider.cider import Cider
 
 from captioner import scst, train
 from captioner.cider import CiderD
 from captioner.coco import ImageRecord
-from captioner.decoding import DecodingOptions, generate
+from captioner.decoding import DecodingOptions, allowed_logits, generate
 from captioner.model import AttentionDecoder
 from captioner.vocab import Vocabulary, tokenize
 from tests.helpers import metrics_rows, save_tiny_checkpoint, tiny_config, train_args
@@ -64,6 +65,19 @@ def test_scst_loss_favours_captions_that_beat_the_baseline():
     assert grad[0, 1] == 0
 
 
+def _sampler_log_probs(decoder, features: torch.Tensor, captions: torch.Tensor, vocab, max_length: int):
+    """Step by step, the log-probability of each sampled word under the distribution the sampler drew from:
+    the model's logits with the sampler's masks (blocked tokens, no END first, END forced at max_length)."""
+    state, total = decoder.init_state(features), torch.zeros(captions.size(0))
+    for t in range(captions.size(1) - 1):
+        logits, _, state = decoder.step(state, captions[:, t])
+        log_p = F.log_softmax(allowed_logits(logits, vocab, t, max_length), dim=-1)
+        target = captions[:, t + 1]
+        total += torch.where(target != vocab.pad_id, log_p.gather(1, target.unsqueeze(1)).squeeze(1), 0.0)
+    return total
+
+
+@torch.no_grad()
 def test_rescored_log_probs_are_the_samplers(vocab):
     """The gradient pass must score the very distribution the sampler drew from (blocked tokens, no END first,
     END forced at max_length), or REINFORCE optimises the wrong thing."""
@@ -74,14 +88,17 @@ def test_rescored_log_probs_are_the_samplers(vocab):
         options = DecodingOptions(method="sample", num_captions=4, seed=1, max_length=max_length)
         hyps = [h for image in generate(decoder, features, vocab, options) for h in image]
         captions = scst.captions_tensor(hyps, vocab, features.device)
-        logits = decoder(features.repeat_interleave(4, dim=0), captions).logits
+        repeated = features.repeat_interleave(4, dim=0)
+        logits = decoder(repeated, captions).logits
         token_log_probs, mask = scst.sequence_log_probs(logits, captions, vocab, max_length)
         assert mask.sum(1).tolist() == [len(h.tokens) for h in hyps]
-        # Sorting within an image reorders; compare as multisets per image.
-        ours = token_log_probs.sum(1).view(3, 4)
-        theirs = torch.tensor([h.log_prob for h in hyps]).view(3, 4)
-        torch.testing.assert_close(ours.sort(1).values, theirs.sort(1).values, atol=1e-4, rtol=1e-4)
+        expected = _sampler_log_probs(decoder, repeated, captions, vocab, max_length)
+        torch.testing.assert_close(token_log_probs.sum(1), expected, atol=1e-4, rtol=1e-4)
         assert torch.isfinite(token_log_probs).all()
+        # At max_length END is the only choice: the sampler's probability of it is 1, not the model's own.
+        forced = [row for row, h in enumerate(hyps) if h.truncated]
+        assert forced or max_length > 3  # 3 words are too few for this model to end on its own
+        assert all(abs(float(token_log_probs[row, max_length])) < 1e-6 for row in forced)
 
 
 class _MemoryStore:

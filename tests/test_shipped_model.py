@@ -1,4 +1,4 @@
-"""The model shipped in data/: loads offline, captions real COCO photos sensibly, beats the trivial baseline."""
+"""The model shipped in the package: loads offline, captions real COCO photos sensibly, beats the trivial baseline."""
 
 import json
 import re

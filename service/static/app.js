@@ -24,6 +24,32 @@ function decodingParams() {
   return params;
 }
 
+// The API key, when the server requires one (CAPTIONER_API_KEYS): typed once, kept in this browser's localStorage.
+const API_KEY_STORAGE = "captioner.apiKey";
+
+function authHeaders() {
+  const key = $("#api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function rememberApiKey() {
+  try {
+    const key = $("#api-key").value.trim();
+    if (key) localStorage.setItem(API_KEY_STORAGE, key);
+    else localStorage.removeItem(API_KEY_STORAGE);
+  } catch (err) {
+    // Storage disabled (private mode, file://): the key still works for this visit.
+  }
+}
+
+function restoreApiKey() {
+  try {
+    $("#api-key").value = localStorage.getItem(API_KEY_STORAGE) || "";
+  } catch (err) {
+    // as above
+  }
+}
+
 async function caption(file) {
   if (!file) return;
   if (page.photoUrl) URL.revokeObjectURL(page.photoUrl);
@@ -34,7 +60,7 @@ async function caption(file) {
   form.set("image", file, file.name);
   let response, body;
   try {
-    response = await fetch("/v1/captions", { method: "POST", body: form });
+    response = await fetch("/v1/captions", { method: "POST", body: form, headers: authHeaders() });
     body = await response.json();
   } catch (err) {
     setState("error", `The server did not answer (${err.message}).`);
@@ -42,7 +68,8 @@ async function caption(file) {
   }
   if (!response.ok) {
     const error = body && body.error ? body.error : { code: response.status, message: response.statusText };
-    setState("error", `${response.status} ${error.code}: ${error.message}`);
+    const hint = response.status === 401 ? " (enter the server's key in the API key field)" : "";
+    setState("error", `${response.status} ${error.code}: ${error.message}${hint}`);
     return;
   }
   page.result = body;
@@ -228,6 +255,8 @@ function setUp() {
     if (event.key === "ArrowRight") showWord(page.word + 1);
   });
   $("#show-heatmap").addEventListener("change", () => showWord(page.word));
+  restoreApiKey();
+  $("#api-key").addEventListener("input", rememberApiKey);
   window.addEventListener("resize", () => showWord(page.word));
 
   loadAttentionStyle().catch(() => {
