@@ -65,8 +65,8 @@ def time_steps(
                     features = encoder(inputs)
             else:
                 features = inputs
-            logits, alphas = model(features, captions)
-        loss, _ = caption_loss(logits.float(), captions, alphas.float())
+            out = model(features, captions)
+        loss, _ = caption_loss(out.logits.float(), captions, out.alphas.float())
         optimizer.zero_grad()
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:

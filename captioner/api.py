@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_digest, load_checkpoint
-from .decoding import RECOMMENDED, DecodingOptions, Hypothesis, generate
+from .decoding import DecodingOptions, Hypothesis, generate
 from .encoder import Encoder, prepare_cpu_inference
 from .engine import make_encoder_engine, quantize_decoder_for_cpu
 from .images import DEFAULT_MAX_PIXELS, open_image
+from .options import recommended_options
 
 
 def default_checkpoint_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -42,7 +43,7 @@ class Candidate:
 class CaptionResult:
     caption: str
     candidates: list[Candidate]
-    grid: tuple[int, int]  # (H', W') of the attention maps: alphas reshape to (T, H', W')
+    grid: tuple[int, int]  # (h, w) of the attention maps: alphas reshape to (T, h, w)
 
 
 class Captioner:
@@ -107,7 +108,7 @@ class Captioner:
         """Caption images (PIL images or paths). Decoding keywords as in DecodingOptions (method=...), on top of
         the recommended settings (`decoding.RECOMMENDED`); pass `options` to control every field."""
         if options is None:
-            options = DecodingOptions(**RECOMMENDED).updated(**decoding)
+            options = recommended_options(**decoding)
         elif decoding:
             raise TypeError("pass either options or decoding keywords, not both")
         pil = [im if isinstance(im, Image.Image) else self.open(im) for im in images]

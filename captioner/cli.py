@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from . import evaluate, lm, train
-from .evaluate import add_decoding_arguments, add_engine_arguments, decoding_options, engine_options
+from .evaluate import add_engine_arguments, engine_options
+from .options import add_decoding_arguments, decoding_options
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,7 +165,7 @@ def _visualize_parser(sub) -> None:
     p.add_argument("--columns", type=int, default=5, help="panels per row")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
     p.add_argument("--batch-size", type=int, default=8, help="images per pass through the model")
-    p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x H' x W') and betas as JSON")
+    p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x h x w) and betas as JSON")
     add_engine_arguments(p)
     add_decoding_arguments(p, num_captions=False)
     p.set_defaults(func=_run_visualize)

@@ -13,64 +13,17 @@ over the whole vocabulary), so the same caption gets the same number from greedy
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .model import DecoderState
+from .options import RECOMMENDED, DecodingOptions, Method  # noqa: F401 (defined in options.py, used from here too)
 from .vocab import Vocabulary
 
-Method = Literal["greedy", "sample", "beam"]
 END_ID = Vocabulary.end_id
-
-
-@dataclass
-class DecodingOptions:
-    method: Method = "greedy"
-    max_length: int = 20  # most words in a caption (END not counted)
-    beam_size: int = 3  # K
-    length_penalty: float = 0.0  # beam score = log p / len**length_penalty (0: plain log p)
-    no_repeat_ngram_size: int = 0  # >0: no method repeats a word n-gram of this size
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
-    top_p: float = 1.0  # 1: no nucleus filter
-    num_captions: int = 1  # captions returned per image (samples, or n-best beams up to beam_size)
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.method not in ("greedy", "sample", "beam"):
-            raise ValueError(f"method must be greedy, sample or beam, not {self.method!r}")
-        if self.max_length < 1:
-            raise ValueError("max_length must be at least 1")
-        if self.beam_size < 1:
-            raise ValueError("beam_size must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.num_captions < 1:
-            raise ValueError("num_captions must be at least 1")
-        if self.method == "beam" and self.num_captions > self.beam_size:
-            raise ValueError("beam search returns at most beam_size captions: raise beam_size or lower num_captions")
-
-    def updated(self, **given) -> DecodingOptions:
-        """These options with the `given` fields replaced. Asking beam search for more captions than the beam
-        holds widens the beam, unless beam_size is among `given`: then the mismatch is the caller's error."""
-        merged = {**{f.name: getattr(self, f.name) for f in fields(self)}, **given}
-        if merged["method"] == "beam" and "beam_size" not in given:
-            merged["beam_size"] = max(merged["beam_size"], merged["num_captions"])
-        return DecodingOptions(**merged)
-
-
-# What users get when they ask for nothing in particular (CLI, service, `Captioner.caption`), chosen on coco-mini
-# val with the shipped model (docs/training-log.md): beam search of width 2, mild length normalisation, and no
-# repeated word pair (small models otherwise say "large large large"). DecodingOptions() itself stays plain
-# greedy decoding, the reference the invariants are stated against.
-RECOMMENDED = {"method": "beam", "beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`captioner evaluate`: decode a COCO-format set, score it with pycocoevalcap, report perplexity.
+"""Scoring by real decoding: `validate` (training's validation, on cached features), `caption_records` and
+`captioner evaluate` (image files, official pycocoevalcap metrics), both with reference perplexity.
 
     captioner evaluate --checkpoint best.pt --images val2017/ --captions captions_val2017.json \
         --method beam --beam-size 3 --results results.json --json
@@ -18,29 +19,51 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .api import Captioner, load_captioner
-from .coco import ImageRecord, load_coco_captions, load_karpathy_split
-from .decoding import RECOMMENDED, DecodingOptions
+from .coco import ImageRecord, collate_captions, load_coco_captions, load_karpathy_split
+from .decoding import DecodingOptions, generate
+from .distributed import SINGLE_PROCESS, DistributedEnv, gather_objects
 from .engine import ENGINES
-from .features import ImageFileDataset
+from .features import FeatureStore, ImageFileDataset
 from .metrics import coco_scores, fast_scores, java_available
+from .model import AttentionDecoder, caption_loss
+from .options import add_decoding_arguments, decoding_options
+from .vocab import Vocabulary
 
 
-def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True) -> None:
-    """Decoding flags shared by caption, evaluate and visualize."""
-    g = p.add_argument_group("decoding (defaults chosen on val: beam 2, length penalty 0.5, no repeated bigram)")
-    g.add_argument("--method", choices=["greedy", "sample", "beam"], default=RECOMMENDED["method"])
-    g.add_argument("--beam-size", type=int, default=None,
-                   help=f"default {RECOMMENDED['beam_size']}, raised to --num-captions when that is larger")
-    g.add_argument("--length-penalty", type=float, default=RECOMMENDED["length_penalty"])
-    g.add_argument("--no-repeat-ngram", type=int, default=RECOMMENDED["no_repeat_ngram_size"],
-                   dest="no_repeat_ngram_size", help="0 allows repeats")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-length", type=int, default=20, help="most words in a caption")
-    g.add_argument("--seed", type=int, default=None)
-    if num_captions:
-        g.add_argument("--num-captions", type=int, default=1)
+@torch.no_grad()
+def validate(
+    decoder: AttentionDecoder,
+    records: Sequence[ImageRecord],
+    features: FeatureStore,
+    vocab: Vocabulary,
+    options: DecodingOptions | None = None,
+    batch_size: int = 64,
+    env: DistributedEnv = SINGLE_PROCESS,
+) -> tuple[dict[str, float], dict[int, str]]:
+    """Validation the honest way: decode every image and score the captions (BLEU-4, CIDEr-D), plus
+    teacher-forced cross-entropy on the reference captions for perplexity. Under DDP each rank decodes a
+    shard and every rank gets the same gathered scores."""
+    decoder.eval()
+    device = next(decoder.parameters()).device
+    options = options or DecodingOptions(method="greedy")
+    records = [r for r in records if features.has(r.image_id)]
+    shard = records[env.rank :: env.world_size]
+    predictions: dict[int, str] = {}
+    ce_sum, tokens = 0.0, 0
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
+        feats = torch.stack([features.get(r.image_id) for r in chunk]).to(device)  # (B, L, D)
+        for record, hyps in zip(chunk, generate(decoder, feats, vocab, options), strict=True):
+            predictions[record.image_id] = vocab.decode(hyps[0].tokens)
+        ce, n = reference_cross_entropy(decoder, feats, [r.captions for r in chunk], vocab)
+        ce_sum += ce * n
+        tokens += n
+    parts = gather_objects((predictions, ce_sum, tokens), env)  # in rank order, the same on every rank
+    predictions = {image_id: text for part, _, _ in parts for image_id, text in part.items()}
+    ce_sum, tokens = sum(part[1] for part in parts), sum(part[2] for part in parts)
+    scores = fast_scores(predictions, {r.image_id: list(r.captions) for r in records})
+    ce = ce_sum / max(tokens, 1)
+    return {**scores, "val_cross_entropy": ce, "val_perplexity": math.exp(ce)}, predictions
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,30 +81,15 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"engine": args.engine, "quantize_decoder": False if args.fp32_decoder else None}
 
 
-def decoding_options(args: argparse.Namespace) -> DecodingOptions:
-    """The decoding flags as options; an impossible combination exits with the reason (no traceback)."""
-    try:
-        return _decoding_options(args)
-    except ValueError as exc:
-        raise SystemExit(f"captioner: error: {exc}") from None
-
-
-def _decoding_options(args: argparse.Namespace) -> DecodingOptions:
-    # `updated` widens the default beam to --num-captions (the one rule the service and the Python API share);
-    # a --beam-size given explicitly is kept, so asking for more captions than it holds is an error.
-    explicit = {} if args.beam_size is None else {"beam_size": args.beam_size}
-    return DecodingOptions(beam_size=RECOMMENDED["beam_size"]).updated(
-        **explicit,
-        method=args.method,
-        max_length=args.max_length,
-        length_penalty=args.length_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        num_captions=getattr(args, "num_captions", 1),
-        seed=args.seed,
-    )
+def reference_cross_entropy(
+    decoder: AttentionDecoder, features: torch.Tensor, references: Sequence[Sequence[str]], vocab: Vocabulary
+) -> tuple[float, int]:
+    """Mean per-token cross-entropy of all reference captions given their image features (B, L, D)."""
+    batch = [(features[i], torch.tensor(vocab.encode(c))) for i, refs in enumerate(references) for c in refs]
+    feats, captions = collate_captions(batch, vocab.pad_id)
+    out = decoder(feats, captions.to(features.device))
+    _, ce = caption_loss(out.logits, captions.to(features.device), out.alphas, attention_reg=0.0)
+    return float(ce), int((captions[:, 1:] != vocab.pad_id).sum())
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -118,7 +126,7 @@ def load_eval_records(args: argparse.Namespace) -> list[ImageRecord]:
 
 
 @torch.inference_mode()
-def evaluate_captioner(
+def caption_records(
     captioner: Captioner,
     records: Sequence[ImageRecord],
     options: DecodingOptions,
@@ -126,9 +134,7 @@ def evaluate_captioner(
     num_workers: int = 0,
     progress: bool = True,
 ) -> tuple[dict[int, str], float, list[str]]:
-    """Decode every readable image (batched) -> (predictions by image id, reference perplexity, errors)."""
-    from .train import reference_cross_entropy
-
+    """Decode every readable image file (batched) -> (predictions by image id, reference perplexity, errors)."""
     dataset = ImageFileDataset([r.path for r in records], captioner.preprocessing, range(len(records)))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=lambda b: b)
     predictions: dict[int, str] = {}
@@ -172,7 +178,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return result
     captioner = load_captioner(args.checkpoint, device=args.device, **engine_options(args))
     options = decoding_options(args)
-    predictions, perplexity, errors = evaluate_captioner(
+    predictions, perplexity, errors = caption_records(
         captioner, records, options, args.batch_size, args.num_workers, progress=not args.json
     )
     if args.no_java or not java_available():

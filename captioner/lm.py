@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .coco import load_caption_texts
-from .encoder import DEFAULT_BACKBONE, Preprocessing, get_backbone
-from .model import AttentionDecoder, CaptionerConfig, caption_loss
+from .encoder import Encoder, Preprocessing, get_backbone
+from .model import AttentionDecoder, caption_loss
+from .train import add_model_arguments, config_from_args
+from .utils import optimizer_step, set_seed, setup_logging
 from .vocab import Vocabulary
 
 log = logging.getLogger("captioner.lm")
@@ -39,20 +41,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--train-captions", type=Path, action="append", default=[],
                    help="the image-training captions: they join the LM text and the vocabulary")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--encoder", default=DEFAULT_BACKBONE, help="backbone the captioner will use (sets D)")
-    p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--min-word-count", type=int, default=5)
     p.add_argument("--max-words", type=int, default=30)
-    p.add_argument("--embed-dim", type=int, default=256)
-    p.add_argument("--hidden-dim", type=int, default=512)
-    p.add_argument("--attention-dim", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=1)
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--tie-weights", action="store_true")
-    p.add_argument("--semantic", action="store_true", help="build the decoder with the class-probability input")
+    add_model_arguments(p)  # the same architecture flags as `captioner train` (--encoder sets D)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay, as in training")
     p.add_argument("--grad-clip", type=float, default=5.0)
     p.add_argument("--holdout", type=float, default=0.02, help="fraction of the text kept for perplexity")
     p.add_argument("--seed", type=int, default=0)
@@ -89,13 +84,10 @@ def lm_epoch(
     with torch.set_grad_enabled(training):
         for batch in tqdm(loader, desc="LM", unit="batch", disable=not progress, leave=False):
             batch = batch.to(device)
-            logits, alphas = decoder(no_image_features(batch.size(0), decoder.config.feature_dim, device), batch)
-            loss, ce = caption_loss(logits, batch, alphas, attention_reg=0.0)  # loss == ce without the penalty
+            out = decoder(no_image_features(batch.size(0), decoder.config.feature_dim, device), batch)
+            loss, ce = caption_loss(out.logits, batch, out.alphas, attention_reg=0.0)  # loss == ce without the penalty
             if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in decoder.parameters() if p.requires_grad], grad_clip)
-                optimizer.step()
+                optimizer_step(loss, optimizer, [p for p in decoder.parameters() if p.requires_grad], grad_clip)
             n = int((batch[:, 1:] != 0).sum())
             total += float(ce.detach()) * n
             tokens += n
@@ -103,12 +95,9 @@ def lm_epoch(
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
-    from .train import _setup_logging
-
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(args.output_dir / "lm.log")
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    setup_logging(args.output_dir / "lm.log")
+    set_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     texts = [t for f in args.text for t in load_caption_texts(f)]
     train_texts = [t for f in args.train_captions for t in load_caption_texts(f)]
@@ -120,14 +109,18 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     train_ids = [vocab.encode(t, args.max_words) for t in corpus[n_holdout:]]
     log.info("LM text: %d captions (%d held out), vocabulary %d words", len(train_ids), len(holdout), len(vocab))
 
+    # The backbone's own values, as in `captioner train`: D and preprocessing from its registry entry, and with
+    # --semantic the class count of its classifier (an untrained copy is enough to read it; its random numbers
+    # are drawn aside, so the decoder starts exactly as it would without it).
     spec = get_backbone(args.encoder)
-    config = CaptionerConfig(
-        vocab_size=len(vocab), feature_dim=spec.feature_dim, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
-        attention_dim=args.attention_dim, num_layers=args.num_layers, dropout=args.dropout,
-        tie_weights=args.tie_weights, semantic_classes=1000 if args.semantic else 0,
-    )
-    decoder = AttentionDecoder(config).to(device)
-    optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=args.lr)
+    classes = 0
+    if args.semantic:
+        with torch.random.fork_rng():
+            classes = Encoder(args.encoder, pretrained=False, image_size=args.image_size).classifier.out_features
+    decoder = AttentionDecoder(config_from_args(args, len(vocab), spec.feature_dim, classes)).to(device)
+    # AdamW as in training (without weight decay it is Adam).
+    optimizer = torch.optim.AdamW([p for p in decoder.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
     history = []
     for epoch in range(1, args.epochs + 1):
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
@@ -140,7 +133,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                  row["holdout_perplexity"])
         with (args.output_dir / "lm_metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
-    preprocessing = Preprocessing(args.image_size, spec.mean, spec.std)
+    preprocessing = Preprocessing(args.image_size, spec.mean, spec.std)  # what Encoder(args.encoder) would use
     save_checkpoint(args.output_dir / "lm.pt", decoder, vocab, spec.name, preprocessing,
                     metrics={"lm": history[-1] if history else {}})
     return history[-1] if history else {}

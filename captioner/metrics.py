@@ -1,7 +1,9 @@
 """Caption metrics. Two tiers:
 
-- `fast_scores`: BLEU-4 (nltk's corpus_bleu) and CIDEr-D (pycocoevalcap's pure-Python scorer) on our own
-  tokenizer. No Java, about a second for a few thousand captions: used for validation during training.
+- `fast_scores`: BLEU-4 (nltk's corpus_bleu) and CIDEr-D (`captioner.cider.CiderD`, the scorer SCST's reward
+  uses too; document frequencies from the scored set's references, as pycocoevalcap computes them, and equal to
+  pycocoevalcap's scores: tests/test_scst.py) on our own tokenizer. No Java, about a second for a few thousand
+  captions: used for validation during training.
 - `coco_scores`: the official pycocoevalcap pipeline (PTB tokenizer, BLEU-1..4, METEOR, ROUGE-L, CIDEr-D),
   which runs Java for the tokenizer and METEOR. Use it for numbers you report.
 """
@@ -27,19 +29,17 @@ def _check(predictions: Mapping[int, str], references: Mapping[int, Sequence[str
 def fast_scores(predictions: Mapping[int, str], references: Mapping[int, Sequence[str]]) -> dict[str, float]:
     """BLEU-4 and CIDEr-D without Java. Keys match `coco_scores`."""
     from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
-    from pycocoevalcap.cider.cider import Cider
+
+    from .cider import CiderD
 
     _check(predictions, references)
     ids = sorted(predictions)
-    hyps = {i: [" ".join(tokenize(predictions[i]))] for i in ids}
-    refs = {i: [" ".join(tokenize(r)) for r in references[i]] for i in ids}
-    bleu4 = corpus_bleu(
-        [[r.split() for r in refs[i]] for i in ids],
-        [hyps[i][0].split() for i in ids],
-        smoothing_function=SmoothingFunction().method1,
-    )
-    cider, _ = Cider().compute_score(refs, hyps)
-    return {"BLEU-4": float(bleu4), "CIDEr": float(cider)}
+    hyps = [tokenize(predictions[i]) for i in ids]
+    refs = [[tokenize(r) for r in references[i]] for i in ids]
+    bleu4 = corpus_bleu(refs, hyps, smoothing_function=SmoothingFunction().method1)
+    cider = CiderD(refs)
+    cider_d = sum(cider.score(hyp, image_refs) for hyp, image_refs in zip(hyps, refs, strict=True)) / len(ids)
+    return {"BLEU-4": float(bleu4), "CIDEr": float(cider_d)}
 
 
 def java_available() -> bool:

@@ -2,8 +2,10 @@
 features.
 
 Shape legend (used in every comment of the project):
-    B batch, L feature locations (H' x W'), D feature dim, E embedding dim, H hidden dim, A attention dim,
-    T time steps, V vocabulary size, K beam size.
+    B batch, L feature locations (L = h * w, the feature grid's rows and columns), D feature dim, E embedding dim,
+    H hidden dim, A attention dim, T time steps, V vocabulary size, K beam size, N rows of a flattened batch
+    (B * K beams, B * samples), S the square input side of the backbone in px (images (B, 3, S, S)), C classes
+    of the backbone's classifier. H is only ever the hidden size: an image's size is written (height, width).
 
 The decoder is driven one word at a time through two calls, which training, greedy decoding, sampling and
 beam search all share:
@@ -22,6 +24,7 @@ Attention (`CaptionerConfig.attention`):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +63,14 @@ class CaptionerConfig:
         if unknown:
             raise ValueError(f"unknown model config fields {sorted(unknown)}: checkpoint from a newer version?")
         return cls(**data)
+
+
+class DecoderOutput(NamedTuple):
+    """What teacher-forced `AttentionDecoder.forward` returns."""
+
+    logits: torch.Tensor  # (B, T, V), predicting captions[:, 1:]
+    alphas: torch.Tensor  # (B, T, L)
+    locations: torch.Tensor  # (B, T) long: hard attention's sampled location, -1 for the expected context
 
 
 @dataclass
@@ -252,13 +263,11 @@ class AttentionDecoder(nn.Module):
         )
         return logits, alpha, new_state
 
-    def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, return_locations: bool = False
-    ) -> tuple[torch.Tensor, ...]:
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
         """Teacher forcing. features (B, L, D), captions (B, T+1) = START w1 .. wn END PAD..
 
-        Returns logits (B, T, V) predicting captions[:, 1:], and alphas (B, T, L); with `return_locations`
-        also hard attention's locations (B, T) (-1: expected context), which `hard_attention_loss` needs.
+        Returns logits (B, T, V) predicting captions[:, 1:], alphas (B, T, L) and hard attention's locations
+        (B, T) (-1: expected context; all -1 for soft attention), which `hard_attention_loss` needs.
         Padded positions are computed too (cheap, and no sort-and-pack); the loss masks them out.
         """
         state = self.init_state(features)
@@ -269,9 +278,7 @@ class AttentionDecoder(nn.Module):
             logits.append(step_logits)
             alphas.append(alpha)
             locations.append(state.location)
-        if return_locations:
-            return torch.stack(logits, dim=1), torch.stack(alphas, dim=1), torch.stack(locations, dim=1)
-        return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
+        return DecoderOutput(torch.stack(logits, dim=1), torch.stack(alphas, dim=1), torch.stack(locations, dim=1))
 
 
 def caption_loss(

@@ -31,12 +31,13 @@ from .coco import ImageRecord, choose_view, flip_caption
 from .decoding import DecodingOptions, Hypothesis, allowed_logits, generate
 from .distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum, unwrap_model
 from .features import FeatureStore
+from .utils import optimizer_step
 from .vocab import Vocabulary, tokenize
 
 BASELINES = ("greedy", "mean")
 
 
-class ImageFeatures(Dataset):
+class ScstImageDataset(Dataset):
     """(features (L, D), index into `records`, mirrored?) for every training image with cached features: SCST
     works per image, not per caption, since an image's references all score each sample.
 
@@ -152,15 +153,12 @@ def train_one_epoch(
         flat = [h for hyps in samples for h in hyps]
         captions = captions_tensor(flat, vocab, device)  # (B*N, T+1)
         repeated = features.repeat_interleave(samples_per_image, dim=0)  # (B*N, L, D)
-        logits, _ = model(repeated, captions)
+        logits = model(repeated, captions).logits
         token_log_probs, mask = sequence_log_probs(logits, captions, vocab, args.scst_max_length)
         local_tokens = mask.sum()
         global_tokens = all_reduce_sum(local_tokens.double(), env)
         loss = scst_loss(token_log_probs, mask, advantage, global_tokens.float() / env.world_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
+        norm = optimizer_step(loss, optimizer, params, args.grad_clip)
         sums += torch.tensor([float(loss.detach()) * float(global_tokens) / env.world_size,
                               float(rewards.sum()), float(baseline.expand_as(rewards).sum()), rewards.numel()],
                              dtype=torch.float64)

@@ -1,6 +1,7 @@
 """Training: masked cross-entropy with teacher forcing, validation by real greedy decoding.
 
-Laid out like torchvision's reference scripts: `train_one_epoch`, `evaluate`, `main`, `get_args_parser`.
+Laid out like torchvision's reference scripts: `train_one_epoch`, `main` (its steps: `run_training`, each step
+a named function below), `get_args_parser`; validation by real decoding is `captioner.evaluate.validate`.
 
     captioner train --train-images DIR --train-captions FILE --val-images DIR --val-captions FILE \
         --output-dir runs/x
@@ -20,28 +21,28 @@ import argparse
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from . import scst
 from .checkpoint import Checkpoint, CheckpointError, average_checkpoints, load_checkpoint, save_checkpoint
 from .coco import (
     CaptionDataset,
+    ImageCaptionDataset,
     ImageRecord,
     collate_captions,
     load_caption_texts,
     load_coco_captions,
     load_karpathy_split,
 )
-from .decoding import DecodingOptions, generate
 from .distributed import (
     SINGLE_PROCESS,
     DistributedEnv,
@@ -53,12 +54,60 @@ from .distributed import (
     unwrap_model,
 )
 from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder
+from .evaluate import validate
 from .features import VIEWS, FeatureStore, build_feature_store
-from .metrics import fast_scores
-from .model import AttentionDecoder, CaptionerConfig, caption_loss, hard_attention_loss
+from .model import AttentionDecoder, CaptionerConfig, DecoderOutput, caption_loss, hard_attention_loss
+from .utils import (
+    args_record,
+    drop_rows_from,
+    optimizer_step,
+    plot_training_curves,
+    restore_rng,
+    rng_state,
+    set_seed,
+    setup_logging,
+)
 from .vocab import Vocabulary
 
 log = logging.getLogger("captioner.train")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The model flags `captioner train` and `captioner pretrain-lm` share: the backbone and the decoder's
+    architecture (defaults from CaptionerConfig). `config_from_args` turns them into a CaptionerConfig."""
+    model = p.add_argument_group("model")
+    model.add_argument("--encoder", default=DEFAULT_BACKBONE, help="backbone name (see `captioner.encoder`)")
+    model.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="square input side in px")
+    model.add_argument("--embed-dim", type=int, default=CaptionerConfig.embed_dim)
+    model.add_argument("--hidden-dim", type=int, default=CaptionerConfig.hidden_dim)
+    model.add_argument("--attention-dim", type=int, default=CaptionerConfig.attention_dim)
+    model.add_argument("--num-layers", type=int, default=CaptionerConfig.num_layers)
+    model.add_argument("--dropout", type=float, default=CaptionerConfig.dropout)
+    model.add_argument("--tie-weights", action="store_true", help="share embedding and output matrices")
+    model.add_argument("--semantic", action="store_true",
+                       help="feed the backbone's ImageNet class probabilities into h0/c0")
+    model.add_argument("--cell", choices=["lstm", "gru"], default=CaptionerConfig.cell, help="recurrent cell")
+    model.add_argument("--attention", choices=["soft", "hard"], default=CaptionerConfig.attention,
+                       help="soft (deterministic) or stochastic hard attention (Show, Attend and Tell 4.1)")
+    return model
+
+
+def config_from_args(args: argparse.Namespace, vocab_size: int, feature_dim: int, classes: int) -> CaptionerConfig:
+    """The decoder's architecture from the model flags; D (`feature_dim`) and the number of classes of its
+    classifier (used with --semantic) come from the backbone itself."""
+    return CaptionerConfig(
+        vocab_size=vocab_size,
+        feature_dim=feature_dim,
+        embed_dim=args.embed_dim,
+        hidden_dim=args.hidden_dim,
+        attention_dim=args.attention_dim,
+        num_layers=args.num_layers,
+        dropout=args.dropout,
+        tie_weights=args.tie_weights,
+        semantic_classes=classes if args.semantic else 0,
+        cell=args.cell,
+        attention=args.attention,
+    )
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -78,26 +127,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--augment", default="", help="extra cached views of each training photo, one sampled per "
                       f"caption and epoch: comma-separated from {sorted(set(VIEWS) - {'original'})}")
 
-    model = p.add_argument_group("model")
-    model.add_argument("--encoder", default=DEFAULT_BACKBONE, help="backbone name (see `captioner.encoder`)")
-    model.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="square input side in px")
+    model = add_model_arguments(p)
     model.add_argument("--random-encoder", action="store_true", help="random backbone weights (tests only)")
     model.add_argument("--fine-tune-blocks", type=int, default=0,
                        help="unfreeze the encoder's last N blocks (bypasses the feature cache)")
     model.add_argument("--encoder-lr", type=float, default=1e-4)
-    model.add_argument("--embed-dim", type=int, default=256)
-    model.add_argument("--hidden-dim", type=int, default=512)
-    model.add_argument("--attention-dim", type=int, default=256)
-    model.add_argument("--num-layers", type=int, default=1)
-    model.add_argument("--dropout", type=float, default=0.5)
-    model.add_argument("--tie-weights", action="store_true", help="share embedding and output matrices")
-    model.add_argument("--semantic", action="store_true",
-                       help="feed the backbone's ImageNet class probabilities into h0/c0")
     model.add_argument("--init-from", type=Path,
                        help="start from this checkpoint's decoder (its architecture and vocabulary win)")
-    model.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="recurrent cell")
-    model.add_argument("--attention", choices=["soft", "hard"], default="soft",
-                       help="soft (deterministic) or stochastic hard attention (Show, Attend and Tell 4.1)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=20)
@@ -174,7 +210,7 @@ def build_vocab(train: Sequence[ImageRecord], extra_text_files: Sequence[Path], 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One epoch, validation
+# One epoch
 
 
 class CaptionModel(nn.Module):
@@ -185,11 +221,9 @@ class CaptionModel(nn.Module):
         super().__init__()
         self.decoder, self.encoder = decoder, encoder
 
-    def forward(
-        self, inputs: torch.Tensor, captions: torch.Tensor, return_locations: bool = False
-    ) -> tuple[torch.Tensor, ...]:
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
         features = self.encoder(inputs) if self.encoder is not None else inputs  # (B, L, D)
-        return self.decoder(features, captions, return_locations=return_locations)
+        return self.decoder(features, captions)
 
 
 def train_one_epoch(
@@ -218,32 +252,20 @@ def train_one_epoch(
         # compute exactly the gradient one process would on the whole batch.
         global_tokens = all_reduce_sum(local_tokens.double(), env)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, alphas, *locations = model(inputs, captions, return_locations=hard)
+            out = model(inputs, captions)
         normalizer = global_tokens.float() / env.world_size
         loss, ce = caption_loss(
-            logits.float(), captions, alphas.float(), attention_reg=args.attention_reg,
+            out.logits.float(), captions, out.alphas.float(), attention_reg=args.attention_reg,
             label_smoothing=args.label_smoothing, normalizer=normalizer,
         )
         if hard:
             reinforce, reward = hard_attention_loss(
-                logits.float(), captions, alphas.float(), locations[0], _reinforce_baseline(decoder),
+                out.logits.float(), captions, out.alphas.float(), out.locations, _reinforce_baseline(decoder),
                 args.reinforce_weight, args.entropy_weight, normalizer=normalizer,
             )
             loss = loss + reinforce
             _update_reinforce_baseline(decoder, reward, env)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale the loss so small gradients survive, unscale before clipping
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        # Global L2 norm over all parameters (not per tensor): keeps the update direction.
-        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        norm = optimizer_step(loss, optimizer, params, args.grad_clip, scaler)
         n = float(local_tokens)
         sums += torch.tensor([float(loss.detach()) * float(global_tokens) / env.world_size, float(ce) * n, n],
                              dtype=torch.float64)
@@ -276,133 +298,194 @@ def _update_reinforce_baseline(decoder: AttentionDecoder, batch_reward: torch.Te
     decoder.reinforce_updates += 1
 
 
-@torch.no_grad()
-def evaluate(
-    decoder: AttentionDecoder,
-    records: Sequence[ImageRecord],
-    features: FeatureStore,
-    vocab: Vocabulary,
-    options: DecodingOptions | None = None,
-    batch_size: int = 64,
-    env: DistributedEnv = SINGLE_PROCESS,
-) -> tuple[dict[str, float], dict[int, str]]:
-    """Validation the honest way: decode every image and score the captions (BLEU-4, CIDEr-D), plus
-    teacher-forced cross-entropy on the reference captions for perplexity. Under DDP each rank decodes a
-    shard and every rank gets the same gathered scores."""
-    decoder.eval()
-    device = next(decoder.parameters()).device
-    options = options or DecodingOptions(method="greedy")
-    records = [r for r in records if features.has(r.image_id)]
-    shard = records[env.rank :: env.world_size]
-    predictions: dict[int, str] = {}
-    ce_sum, tokens = 0.0, 0
-    for start in range(0, len(shard), batch_size):
-        chunk = shard[start : start + batch_size]
-        feats = torch.stack([features.get(r.image_id) for r in chunk]).to(device)  # (B, L, D)
-        for record, hyps in zip(chunk, generate(decoder, feats, vocab, options), strict=True):
-            predictions[record.image_id] = vocab.decode(hyps[0].tokens)
-        ce, n = reference_cross_entropy(decoder, feats, [r.captions for r in chunk], vocab)
-        ce_sum += ce * n
-        tokens += n
-    parts = gather_objects((predictions, ce_sum, tokens), env)  # in rank order, the same on every rank
-    predictions = {image_id: text for part, _, _ in parts for image_id, text in part.items()}
-    ce_sum, tokens = sum(part[1] for part in parts), sum(part[2] for part in parts)
-    scores = fast_scores(predictions, {r.image_id: list(r.captions) for r in records})
-    ce = ce_sum / max(tokens, 1)
-    return {**scores, "val_cross_entropy": ce, "val_perplexity": math.exp(ce)}, predictions
-
-
-def reference_cross_entropy(
-    decoder: AttentionDecoder, features: torch.Tensor, references: Sequence[Sequence[str]], vocab: Vocabulary
-) -> tuple[float, int]:
-    """Mean per-token cross-entropy of all reference captions given their image features (B, L, D)."""
-    batch = [(features[i], torch.tensor(vocab.encode(c))) for i, refs in enumerate(references) for c in refs]
-    feats, captions = collate_captions(batch, vocab.pad_id)
-    logits, alphas = decoder(feats, captions.to(features.device))
-    _, ce = caption_loss(logits, captions.to(features.device), alphas, attention_reg=0.0)
-    return float(ce), int((captions[:, 1:] != vocab.pad_id).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Main
+# The run: main() and its steps
 
 
-class _ImageCaptionDataset(torch.utils.data.Dataset):
-    """(preprocessed image, caption ids) for fine-tuning with the encoder in the loop."""
+@dataclass
+class TrainingState:
+    """What --resume needs besides the weights: the optimiser (with its schedule and fp16 scaler), where the run
+    stands (last finished epoch, early stopping, the --average-best epochs) and every rank's RNG state. Read
+    from last.pt when a run resumes, written to it after every epoch."""
 
-    def __init__(self, records: Sequence[ImageRecord], encoder: Encoder, vocab: Vocabulary, max_words: int):
-        from .images import ImageError, open_image
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None  # a torch.optim.lr_scheduler, or None (--lr-schedule none)
+    scaler: torch.amp.GradScaler | None = None
+    epoch: int = 0  # the last finished epoch
+    best_score: float = float("-inf")  # best validation --monitor score so far
+    bad_epochs: int = 0  # epochs since it last improved
+    top_epochs: list[tuple[float, int]] = field(default_factory=list)  # (val score, epoch) of the N best epochs
+    rng: list[dict[str, Any]] = field(default_factory=list)  # every rank's RNG state, in rank order
 
-        self.items = []
-        self.preprocessing = encoder.preprocessing
-        self._open = open_image
-        for r in records:
-            try:
-                open_image(r.path)
-            except ImageError as exc:
-                log.warning("skipping unreadable image: %s", exc)
-                continue
-            self.items.extend((r.path, vocab.encode(c, max_words)) for c in r.captions)
+    def record(self, epoch: int, score: float) -> bool:
+        """Count a finished epoch with this validation score; True if it is the best so far."""
+        improved = score > self.best_score
+        self.epoch = epoch
+        self.best_score, self.bad_epochs = (score, 0) if improved else (self.best_score, self.bad_epochs + 1)
+        return improved
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch,
+            "best_score": self.best_score,
+            "bad_epochs": self.bad_epochs,
+            "rng": self.rng,
+            "top_epochs": [list(pair) for pair in self.top_epochs],
+        }
 
-    def __getitem__(self, i: int):
-        path, ids = self.items[i]
-        return self.preprocessing(self._open(path)), torch.tensor(ids)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best_score, self.bad_epochs = state["epoch"], state["best_score"], state["bad_epochs"]
+        self.top_epochs = [(float(score), int(e)) for score, e in state.get("top_epochs", [])]
+        self.rng = state["rng"]
 
-
-def _parse_views(spec: str) -> list[str]:
-    views = [v.strip() for v in spec.split(",") if v.strip()]
-    unknown = [v for v in views if v not in VIEWS or v == "original"]
-    if unknown:
-        raise SystemExit(f"unknown --augment view(s) {unknown}; choose from {sorted(set(VIEWS) - {'original'})}")
-    return views
-
-
-def _make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
-    if args.lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1)
-    if args.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
-    return None
-
-
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+    def restore_rng(self, env: DistributedEnv, device: torch.device) -> None:
+        """This rank's saved RNG state (rank 0's when the run had fewer processes)."""
+        restore_rng(self.rng[env.rank] if env.rank < len(self.rng) else self.rng[0], device)
 
 
-def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+@dataclass
+class StartingPoint:
+    """The checkpoints a run starts from: last.pt when resuming, else --init-from's, else neither."""
+
+    resume: Checkpoint | None = None
+    init: Checkpoint | None = None
+
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        return self.resume or self.init
 
 
-def _args_json(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-            for k, v in vars(args).items() if not callable(v)}
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run a training; returns the best validation metrics. Safe to kill and `--resume` at any time."""
+    env, device = init_distributed(args.device)
+    try:
+        return run_training(args, env, device)
+    finally:
+        shutdown(env)
 
 
-def _amp_settings(args: argparse.Namespace, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether fp16 needs a gradient scaler). CPU training stays fp32."""
-    if args.amp == "off":
-        return None, False
-    if device.type != "cuda":
-        log.warning("--amp %s ignored on %s: the CPU path stays fp32", args.amp, device)
-        return None, False
-    return (torch.bfloat16, False) if args.amp == "bf16" else (torch.float16, True)
+def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.device) -> dict[str, Any]:
+    check_args(args, env)
+    start_run(args, env)
+    train_records, val_records = load_splits(args)
+    log.info("data: %d training images, %d validation images", len(train_records), len(val_records))
+
+    encoder = Encoder(args.encoder, pretrained=not args.random_encoder, image_size=args.image_size,
+                      fine_tune_blocks=args.fine_tune_blocks).to(device)
+    start = load_starting_point(args, encoder)
+    check_start(args, start)
+    vocab = start.checkpoint.vocab if start.checkpoint else build_vocab(train_records, args.vocab_text,
+                                                                        args.min_word_count)
+    log.info("vocabulary: %d words (min count %d)", len(vocab), args.min_word_count)
+
+    train_set, val_store = build_datasets(args, train_records, val_records, encoder, vocab, env)
+    if len(train_set) == 0:
+        raise SystemExit("no usable training captions (every image failed to load?)")
+    scst_stage = ScstStage.build(args, train_records, train_set) if args.scst else None
+
+    # Seed again here: building the caches consumed random numbers (DataLoader seeding) only on a first run,
+    # and a resumed or repeated run must initialise exactly the same way.
+    set_seed(args.seed)
+    decoder = build_decoder(args, vocab, encoder, start).to(device)
+    model = build_model(args, decoder, encoder, env, device)
+    # Dropout must differ between ranks (each sees other captions), yet be reproducible.
+    torch.manual_seed(args.seed * 1000 + env.rank)
+
+    optimizer = build_optimizer(args, decoder, encoder)
+    amp_dtype, needs_scaler = _amp_settings(args, device)
+    state = TrainingState(optimizer, make_scheduler(optimizer, args),
+                          torch.amp.GradScaler(device.type) if needs_scaler else None)
+    if start.resume is not None and start.resume.training is not None:
+        state.load_state_dict(start.resume.training)
+        state.restore_rng(env, device)
+        log.info("resumed from %s at epoch %d (best %s %.4f)", args.output_dir / "last.pt", state.epoch + 1,
+                 args.monitor, state.best_score)
+
+    metrics_file = args.output_dir / "metrics.jsonl"
+    if env.is_main:
+        drop_rows_from(metrics_file, state.epoch + 1)  # rows of an epoch that was killed before its checkpoint
+    best_metrics: dict[str, Any] = start.resume.metrics if start.resume is not None else {}
+    for epoch in range(state.epoch + 1, args.epochs + 1):
+        if state.bad_epochs >= args.patience:
+            log.info("early stop: %d epochs without a better %s", state.bad_epochs, args.monitor)
+            break
+        started = time.time()
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        if scst_stage is not None:
+            row.update(scst_stage.train_one_epoch(model, vocab, optimizer, args, epoch, env))
+        else:
+            loader = training_loader(train_set, args, env, epoch, device)
+            row.update(train_one_epoch(model, loader, optimizer, args, epoch, env, state.scaler, amp_dtype))
+        scores, predictions = validate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size,
+                                       env=env)
+        row.update(scores)
+        row["seconds"] = round(time.time() - started, 2)
+        score = scores[args.monitor]
+        if state.scheduler is not None:
+            state.scheduler.step(score) if args.lr_schedule == "plateau" else state.scheduler.step()
+        row["best"] = improved = state.record(epoch, score)
+        log_epoch(row, predictions, args)
+        state.rng = gather_objects(rng_state(device), env)  # every rank's, so each resumes its own stream
+        if env.is_main:
+            encoder_state = encoder.cnn.state_dict() if args.fine_tune_blocks else None
+            if improved:
+                best_metrics = {**{k: v for k, v in row.items() if isinstance(v, int | float)},
+                                "args": args_record(args)}
+                save_checkpoint(args.output_dir / "best.pt", decoder, vocab, encoder.name, encoder.preprocessing,
+                                metrics=best_metrics, encoder_state=encoder_state)
+            if args.average_best:
+                state.top_epochs = _keep_top_epoch(state.top_epochs, score, epoch, args, decoder, vocab, encoder)
+            save_checkpoint(args.output_dir / "last.pt", decoder, vocab, encoder.name, encoder.preprocessing,
+                            metrics=best_metrics, training=state.state_dict(), encoder_state=encoder_state)
+            with metrics_file.open("a") as f:  # after the checkpoint: a logged epoch is always resumable
+                f.write(json.dumps(row) + "\n")
+    if env.is_main:
+        plot_training_curves(metrics_file, args.output_dir / "training_curves.png")
+        if args.average_best and state.top_epochs:
+            _write_averaged(state.top_epochs, args, val_records, val_store, vocab, encoder, device)
+    barrier(env)
+    return best_metrics
 
 
-def _load_start(args: argparse.Namespace, encoder: Encoder) -> tuple[Checkpoint | None, Checkpoint | None]:
-    """(checkpoint to resume, checkpoint to initialise from); refuses ones made with another backbone."""
+def check_args(args: argparse.Namespace, env: DistributedEnv) -> None:
+    """Refuse impossible combinations up front, before minutes of feature encoding."""
+    if args.batch_size % env.world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} must divide evenly over {env.world_size} processes")
+    if args.scst:
+        if not (args.init_from or args.resume):
+            raise SystemExit("--scst fine-tunes a trained model: give --init-from a cross-entropy checkpoint")
+        if args.fine_tune_blocks:
+            raise SystemExit("--scst runs on cached features: drop --fine-tune-blocks")
+        if args.scst_samples < 1 or (args.scst_baseline == "mean" and args.scst_samples < 2):
+            raise SystemExit("--scst-samples must be >= 1 (>= 2 with --scst-baseline mean)")
+    if args.lr is None:
+        args.lr = 1e-5 if args.scst else 1e-3  # SCST: 5e-5 overfit coco-mini within 3 epochs (training log)
+    if args.average_best < 0:
+        raise SystemExit("--average-best must be >= 0")
+
+
+def start_run(args: argparse.Namespace, env: DistributedEnv) -> None:
+    """The output folder (rank 0 makes it), the log (train.log) and the seed."""
+    if env.is_main:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    barrier(env)
+    setup_logging(args.output_dir / "train.log", env)
+    set_seed(args.seed)
+
+
+def load_starting_point(args: argparse.Namespace, encoder: Encoder) -> StartingPoint:
+    """last.pt to resume (with --resume, when it exists), else --init-from's checkpoint; refuses checkpoints
+    made with another backbone."""
     last_path = args.output_dir / "last.pt"
     resume = load_checkpoint(last_path) if args.resume and last_path.exists() else None
     if args.resume and resume is None:
@@ -411,12 +494,21 @@ def _load_start(args: argparse.Namespace, encoder: Encoder) -> tuple[Checkpoint 
     for source, ckpt in ((last_path, resume), (args.init_from, init)):
         if ckpt is not None and ckpt.encoder_name != encoder.name:
             raise CheckpointError(f"{source} was trained with {ckpt.encoder_name}, not --encoder {encoder.name}")
-    return resume, init
+    return StartingPoint(resume, init)
 
 
-def _build_datasets(
-    args, train_records, val_records, encoder, vocab, env
-) -> tuple[torch.utils.data.Dataset, FeatureStore]:
+def check_start(args: argparse.Namespace, start: StartingPoint) -> None:
+    """Refuse what only the starting checkpoint can tell is impossible."""
+    if args.scst and args.scst_dropout and start.checkpoint is not None and start.checkpoint.config.attention == "hard":
+        # In training mode hard attention samples its locations: the sampling pass and the pass that scores the
+        # samples would attend to different places, so the gradient would not be that of the sampled captions.
+        raise SystemExit("--scst-dropout cannot be used with a hard-attention model: drop --scst-dropout")
+
+
+def build_datasets(
+    args: argparse.Namespace, train_records: Sequence[ImageRecord], val_records: Sequence[ImageRecord],
+    encoder: Encoder, vocab: Vocabulary, env: DistributedEnv,
+) -> tuple[Dataset, FeatureStore]:
     """(training set, validation feature store). A frozen encoder encodes every image once into the cache
     (rank 0 first, then the others read what it wrote); when fine-tuning, training images go through the
     encoder at every step instead."""
@@ -431,39 +523,63 @@ def _build_datasets(
                 stores[view] = build_feature_store(train_records, encoder, cache_root, progress=progress, view=view)
         barrier(env)
     if args.fine_tune_blocks:
-        return _ImageCaptionDataset(train_records, encoder, vocab, args.max_words), val_store
+        return ImageCaptionDataset(train_records, encoder.preprocessing, vocab, args.max_words), val_store
     extra = [(view, store) for view, store in stores.items() if view != "original"]
     train_set = CaptionDataset(train_records, stores["original"], vocab, args.max_words, views=extra, seed=args.seed)
     return train_set, val_store
 
 
-def _build_decoder(args, vocab: Vocabulary, encoder: Encoder, resume, init) -> AttentionDecoder:
-    if resume is not None or init is not None:
-        start = resume or init
-        decoder = start.decoder
-        if start.encoder_state is not None:
-            encoder.cnn.load_state_dict(start.encoder_state)
-        if resume is None and args.semantic and not decoder.config.semantic_classes:
+def _parse_views(spec: str) -> list[str]:
+    views = [v.strip() for v in spec.split(",") if v.strip()]
+    unknown = [v for v in views if v not in VIEWS or v == "original"]
+    if unknown:
+        raise SystemExit(f"unknown --augment view(s) {unknown}; choose from {sorted(set(VIEWS) - {'original'})}")
+    return views
+
+
+@dataclass
+class ScstStage:
+    """What an SCST epoch needs besides the model: the training images' features and their prepared
+    references, and CIDEr-D with document frequencies from all of them."""
+
+    images: scst.ScstImageDataset
+    cider: Any  # captioner.cider.CiderD
+    references: list[dict[bool, list]]
+
+    @classmethod
+    def build(cls, args: argparse.Namespace, train_records: Sequence[ImageRecord],
+              train_set: CaptionDataset) -> ScstStage:
+        images = scst.ScstImageDataset(train_records, train_set.stores[0][1], train_set.stores[1:], args.seed)
+        cider, references = scst.reward_scorer(images.records)
+        log.info("SCST: %d training images, CIDEr-D document frequencies from their %d references",
+                 len(images), sum(len(r.captions) for r in images.records))
+        return cls(images, cider, references)
+
+    def train_one_epoch(self, model: nn.Module, vocab: Vocabulary, optimizer: torch.optim.Optimizer,
+                        args: argparse.Namespace, epoch: int, env: DistributedEnv) -> dict[str, float]:
+        self.images.set_epoch(epoch)
+        loader = DataLoader(self.images, batch_size=args.batch_size // env.world_size,
+                            sampler=_sampler(self.images, args, env, epoch), collate_fn=scst.collate_images)
+        return scst.train_one_epoch(model, loader, self.references, self.cider, vocab, optimizer, args, epoch, env)
+
+
+def build_decoder(args: argparse.Namespace, vocab: Vocabulary, encoder: Encoder,
+                  start: StartingPoint) -> AttentionDecoder:
+    """The starting checkpoint's decoder (its architecture wins over the flags), else a new one."""
+    if start.checkpoint is not None:
+        decoder = start.checkpoint.decoder
+        if start.checkpoint.encoder_state is not None:
+            encoder.cnn.load_state_dict(start.checkpoint.encoder_state)
+        if start.resume is None and args.semantic and not decoder.config.semantic_classes:
             decoder = _with_semantic_input(decoder, encoder.classifier.out_features)
         for option in ("cell", "attention"):
             if getattr(args, option) != getattr(decoder.config, option):
                 log.warning("--%s %s ignored: the checkpoint's decoder has %s %s", option, getattr(args, option),
                             option, getattr(decoder.config, option))
     else:
-        decoder = AttentionDecoder(CaptionerConfig(
-            vocab_size=len(vocab),
-            feature_dim=encoder.feature_dim,
-            embed_dim=args.embed_dim,
-            hidden_dim=args.hidden_dim,
-            attention_dim=args.attention_dim,
-            num_layers=args.num_layers,
-            dropout=args.dropout,
-            tie_weights=args.tie_weights,
-            semantic_classes=encoder.classifier.out_features if args.semantic else 0,
-            cell=args.cell,
-            attention=args.attention,
-        ))
-    if resume is None and decoder.config.semantic_classes:
+        decoder = AttentionDecoder(config_from_args(args, len(vocab), encoder.feature_dim,
+                                                    encoder.classifier.out_features))
+    if start.resume is None and decoder.config.semantic_classes:
         # The frozen class head is a copy of this backbone's classifier (an LM checkpoint only has a placeholder).
         decoder.class_head.load_state_dict(encoder.classifier.state_dict())
     return decoder
@@ -481,66 +597,9 @@ def _with_semantic_input(decoder: AttentionDecoder, classes: int) -> AttentionDe
     return widened
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run a training; returns the best validation metrics. Safe to kill and `--resume` at any time."""
-    env, device = init_distributed(args.device)
-    try:
-        return _train(args, env, device)
-    finally:
-        shutdown(env)
-
-
-def _check_args(args: argparse.Namespace, env: DistributedEnv) -> None:
-    """Refuse impossible combinations up front, before minutes of feature encoding."""
-    if args.batch_size % env.world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must divide evenly over {env.world_size} processes")
-    if args.scst:
-        if not (args.init_from or args.resume):
-            raise SystemExit("--scst fine-tunes a trained model: give --init-from a cross-entropy checkpoint")
-        if args.fine_tune_blocks:
-            raise SystemExit("--scst runs on cached features: drop --fine-tune-blocks")
-        if args.scst_samples < 1 or (args.scst_baseline == "mean" and args.scst_samples < 2):
-            raise SystemExit("--scst-samples must be >= 1 (>= 2 with --scst-baseline mean)")
-    if args.lr is None:
-        args.lr = 1e-5 if args.scst else 1e-3  # SCST: 5e-5 overfit coco-mini within 3 epochs (training log)
-    if args.average_best < 0:
-        raise SystemExit("--average-best must be >= 0")
-
-
-def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) -> dict[str, Any]:
-    _check_args(args, env)
-    if env.is_main:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-    barrier(env)
-    _setup_logging(args.output_dir / "train.log", env)
-    _set_seed(args.seed)
-    train_records, val_records = load_splits(args)
-    log.info("data: %d training images, %d validation images", len(train_records), len(val_records))
-
-    encoder = Encoder(args.encoder, pretrained=not args.random_encoder, image_size=args.image_size,
-                      fine_tune_blocks=args.fine_tune_blocks).to(device)
-    resume, init = _load_start(args, encoder)
-    start = resume or init
-    if args.scst and args.scst_dropout and start is not None and start.config.attention == "hard":
-        # In training mode hard attention samples its locations: the sampling pass and the pass that scores the
-        # samples would attend to different places, so the gradient would not be that of the sampled captions.
-        raise SystemExit("--scst-dropout cannot be used with a hard-attention model: drop --scst-dropout")
-    vocab = start.vocab if start else build_vocab(train_records, args.vocab_text, args.min_word_count)
-    log.info("vocabulary: %d words (min count %d)", len(vocab), args.min_word_count)
-
-    train_set, val_store = _build_datasets(args, train_records, val_records, encoder, vocab, env)
-    if len(train_set) == 0:
-        raise SystemExit("no usable training captions (every image failed to load?)")
-    if args.scst:
-        scst_images = scst.ImageFeatures(train_records, train_set.stores[0][1], train_set.stores[1:], args.seed)
-        cider, scst_references = scst.reward_scorer(scst_images.records)
-        log.info("SCST: %d training images, CIDEr-D document frequencies from their %d references",
-                 len(scst_images), sum(len(r.captions) for r in scst_images.records))
-
-    # Seed again here: building the caches consumed random numbers (DataLoader seeding) only on a first run,
-    # and a resumed or repeated run must initialise exactly the same way.
-    _set_seed(args.seed)
-    decoder = _build_decoder(args, vocab, encoder, resume, init).to(device)
+def build_model(args: argparse.Namespace, decoder: AttentionDecoder, encoder: Encoder, env: DistributedEnv,
+                device: torch.device) -> nn.Module:
+    """What a training step runs: CaptionModel, wrapped in DDP under torchrun, compiled with --compile on CUDA."""
     model: nn.Module = CaptionModel(decoder, encoder if args.fine_tune_blocks else None)
     if env.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -549,109 +608,68 @@ def _train(args: argparse.Namespace, env: DistributedEnv, device: torch.device) 
             model = torch.compile(model)
         else:
             log.warning("--compile ignored on %s", device)
-    # Dropout must differ between ranks (each sees other captions), yet be reproducible.
-    torch.manual_seed(args.seed * 1000 + env.rank)
+    return model
 
+
+def build_optimizer(args: argparse.Namespace, decoder: AttentionDecoder, encoder: Encoder) -> torch.optim.Optimizer:
     param_groups = [{"params": [p for p in decoder.parameters() if p.requires_grad], "lr": args.lr}]
     trainable_encoder = [p for p in encoder.parameters() if p.requires_grad]
     if trainable_encoder:
         param_groups.append({"params": trainable_encoder, "lr": args.encoder_lr})
     # AdamW: with weight decay, decay the weights directly instead of adding an L2 gradient that Adam's
     # per-parameter scaling would distort (Loshchilov & Hutter 2019); without it, AdamW is Adam.
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
-    scheduler = _make_scheduler(optimizer, args)
-    amp_dtype, needs_scaler = _amp_settings(args, device)
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
+    return torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
 
-    last_path, best_path = args.output_dir / "last.pt", args.output_dir / "best.pt"
-    start_epoch, best_score, bad_epochs = 1, float("-inf"), 0
-    top_epochs: list[tuple[float, int]] = []  # (val score, epoch) of the --average-best N best epochs
-    if resume is not None and resume.training is not None:
-        t = resume.training
-        optimizer.load_state_dict(t["optimizer"])
-        if scheduler is not None and t.get("scheduler"):
-            scheduler.load_state_dict(t["scheduler"])
-        if scaler is not None and t.get("scaler"):
-            scaler.load_state_dict(t["scaler"])
-        start_epoch, best_score, bad_epochs = t["epoch"] + 1, t["best_score"], t["bad_epochs"]
-        top_epochs = [(float(score), int(e)) for score, e in t.get("top_epochs", [])]
-        rng = t["rng"]
-        _restore_rng(rng[env.rank] if env.rank < len(rng) else rng[0], device)
-        log.info("resumed from %s at epoch %d (best %s %.4f)", last_path, start_epoch, args.monitor, best_score)
 
-    metrics_file = args.output_dir / "metrics.jsonl"
-    if env.is_main:
-        _drop_rows_from(metrics_file, start_epoch)  # rows of an epoch that was killed before its checkpoint
-    best_metrics: dict[str, Any] = resume.metrics if resume is not None else {}
-    for epoch in range(start_epoch, args.epochs + 1):
-        if bad_epochs >= args.patience:
-            log.info("early stop: %d epochs without a better %s", bad_epochs, args.monitor)
-            break
-        started = time.time()
-        # Shuffling depends only on (seed, epoch), and N processes split exactly the permutation one process
-        # would use, so a resumed run and a DDP run see the same global batches as a single process.
-        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        if args.scst:
-            scst_images.set_epoch(epoch)
-            image_loader = DataLoader(scst_images, batch_size=args.batch_size // env.world_size,
-                                      sampler=_sampler(scst_images, args, env, epoch), collate_fn=scst.collate_images)
-            row.update(scst.train_one_epoch(model, image_loader, scst_references, cider, vocab, optimizer, args, epoch,
-                                            env))
-        else:
-            if isinstance(train_set, CaptionDataset):
-                train_set.set_epoch(epoch)
-            loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size,
-                                sampler=_sampler(train_set, args, env, epoch), collate_fn=collate_captions,
-                                num_workers=args.num_workers, pin_memory=device.type == "cuda")
-            row.update(train_one_epoch(model, loader, optimizer, args, epoch, env, scaler, amp_dtype))
-        scores, predictions = evaluate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size,
-                                       env=env)
-        row.update(scores)
-        row["seconds"] = round(time.time() - started, 2)
-        score = scores[args.monitor]
-        if scheduler is not None:
-            scheduler.step(score) if args.lr_schedule == "plateau" else scheduler.step()
-        improved = score > best_score
-        best_score, bad_epochs = (score, 0) if improved else (best_score, bad_epochs + 1)
-        row["best"] = improved
-        train_part = (f"reward {row['train_reward_CIDEr']:.3f} (baseline {row['train_baseline_CIDEr']:.3f})"
-                      if args.scst else f"ppl {row['train_perplexity']:.1f}")
-        log.info(
-            "epoch %d: loss %.3f %s | val ppl %.1f BLEU-4 %.3f CIDEr %.3f %s| %.0fs",
-            epoch, row["train_loss"], train_part, row["val_perplexity"], row["BLEU-4"],
-            row["CIDEr"], "(best) " if improved else "", row["seconds"],
-        )
-        log.info("  e.g. image %d: %s", *next(iter(predictions.items())))
-        rng = gather_objects(_rng_state(device), env)  # every rank's, so each resumes its own stream
-        if env.is_main:
-            encoder_state = encoder.cnn.state_dict() if args.fine_tune_blocks else None
-            if improved:
-                best_metrics = {**{k: v for k, v in row.items() if isinstance(v, int | float)},
-                                "args": _args_json(args)}
-                save_checkpoint(best_path, decoder, vocab, encoder.name, encoder.preprocessing,
-                                metrics=best_metrics, encoder_state=encoder_state)
-            if args.average_best:
-                top_epochs = _keep_top_epoch(top_epochs, score, epoch, args, decoder, vocab, encoder)
-            training = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch,
-                "best_score": best_score,
-                "bad_epochs": bad_epochs,
-                "rng": rng,
-                "top_epochs": [list(pair) for pair in top_epochs],
-            }
-            save_checkpoint(last_path, decoder, vocab, encoder.name, encoder.preprocessing,
-                            metrics=best_metrics, training=training, encoder_state=encoder_state)
-            with metrics_file.open("a") as f:  # after the checkpoint: a logged epoch is always resumable
-                f.write(json.dumps(row) + "\n")
-    if env.is_main:
-        plot_training_curves(metrics_file, args.output_dir / "training_curves.png")
-        if args.average_best and top_epochs:
-            _write_averaged(top_epochs, args, val_records, val_store, vocab, encoder, device)
-    barrier(env)
-    return best_metrics
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+    if args.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1)
+    if args.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
+    return None
+
+
+def _amp_settings(args: argparse.Namespace, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether fp16 needs a gradient scaler). CPU training stays fp32."""
+    if args.amp == "off":
+        return None, False
+    if device.type != "cuda":
+        log.warning("--amp %s ignored on %s: the CPU path stays fp32", args.amp, device)
+        return None, False
+    return (torch.bfloat16, False) if args.amp == "bf16" else (torch.float16, True)
+
+
+def training_loader(train_set: Dataset, args: argparse.Namespace, env: DistributedEnv, epoch: int,
+                    device: torch.device) -> DataLoader:
+    """This epoch's batches of (features or images, captions)."""
+    if isinstance(train_set, CaptionDataset):
+        train_set.set_epoch(epoch)
+    return DataLoader(train_set, batch_size=args.batch_size // env.world_size,
+                      sampler=_sampler(train_set, args, env, epoch), collate_fn=collate_captions,
+                      num_workers=args.num_workers, pin_memory=device.type == "cuda")
+
+
+def _sampler(dataset: Dataset, args: argparse.Namespace, env: DistributedEnv, epoch: int) -> DistributedSampler:
+    # Shuffling depends only on (seed, epoch), and N processes split exactly the permutation one process
+    # would use, so a resumed run and a DDP run see the same global batches as a single process.
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=args.seed)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def log_epoch(row: dict[str, Any], predictions: dict[int, str], args: argparse.Namespace) -> None:
+    train_part = (f"reward {row['train_reward_CIDEr']:.3f} (baseline {row['train_baseline_CIDEr']:.3f})"
+                  if args.scst else f"ppl {row['train_perplexity']:.1f}")
+    log.info(
+        "epoch %d: loss %.3f %s | val ppl %.1f BLEU-4 %.3f CIDEr %.3f %s| %.0fs",
+        row["epoch"], row["train_loss"], train_part, row["val_perplexity"], row["BLEU-4"],
+        row["CIDEr"], "(best) " if row["best"] else "", row["seconds"],
+    )
+    log.info("  e.g. image %d: %s", *next(iter(predictions.items())))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint averaging (--average-best N)
 
 
 def _top_epoch_path(args: argparse.Namespace, epoch: int) -> Path:
@@ -682,71 +700,9 @@ def _write_averaged(
     epochs = sorted(e for _, e in top_epochs)
     averaged = average_checkpoints([_top_epoch_path(args, e) for e in epochs])
     decoder = averaged.decoder.to(device)
-    scores, _ = evaluate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size)
-    metrics = {**scores, "averaged_epochs": epochs, "args": _args_json(args)}
+    scores, _ = validate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size)
+    metrics = {**scores, "averaged_epochs": epochs, "args": args_record(args)}
     save_checkpoint(args.output_dir / "averaged.pt", decoder, vocab, encoder.name, encoder.preprocessing,
                     metrics=metrics)
     log.info("averaged epochs %s: val ppl %.1f BLEU-4 %.3f CIDEr %.3f (best single epoch: %s %.3f)",
              epochs, scores["val_perplexity"], scores["BLEU-4"], scores["CIDEr"], args.monitor, top_epochs[0][0])
-
-
-def _sampler(dataset: torch.utils.data.Dataset, args: argparse.Namespace, env: DistributedEnv,
-             epoch: int) -> DistributedSampler:
-    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=args.seed)
-    sampler.set_epoch(epoch)
-    return sampler
-
-
-def _drop_rows_from(metrics_file: Path, epoch: int) -> None:
-    if not metrics_file.exists():
-        return
-    rows = [line for line in metrics_file.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["epoch"] < epoch]
-    if len(kept) != len(rows):
-        metrics_file.write_text("".join(line + "\n" for line in kept))
-
-
-def plot_training_curves(metrics_file: Path, out: Path) -> None:
-    """Loss/perplexity and validation scores per epoch, as a PNG beside the log."""
-    if not metrics_file.exists():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    if all("train_perplexity" in r for r in rows):  # SCST epochs have rewards instead
-        ax1.plot(epochs, [r["train_perplexity"] for r in rows], label="train")
-    ax1.plot(epochs, [r["val_perplexity"] for r in rows], label="val")
-    ax1.set(xlabel="epoch", ylabel="perplexity", yscale="log", title="perplexity = exp(cross-entropy)")
-    ax1.legend()
-    ax2.plot(epochs, [r["CIDEr"] for r in rows], label="CIDEr-D")
-    ax2.plot(epochs, [r["BLEU-4"] for r in rows], label="BLEU-4")
-    ax2.set(xlabel="epoch", title="validation (greedy decoding)")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
-def _setup_logging(log_file: Path, env: DistributedEnv = SINGLE_PROCESS) -> None:
-    """Rank 0 logs to OUTPUT/train.log and the terminal; other ranks only print warnings."""
-    root = logging.getLogger("captioner")
-    root.setLevel(logging.INFO if env.is_main else logging.WARNING)
-    for h in list(root.handlers):
-        if getattr(h, "_captioner", False):
-            root.removeHandler(h)
-            h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if env.is_main:
-        handlers.append(logging.FileHandler(log_file))
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        handler._captioner = True  # type: ignore[attr-defined]
-        root.addHandler(handler)

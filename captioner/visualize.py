@@ -1,11 +1,20 @@
 """Where the model looked, word by word: attention heat maps, paper-style figures, GIFs and JSON.
 
-The maths (alphas -> grids -> smooth image-sized heat maps -> coloured overlay, and the JSON payload) lives in
-small pure functions that the HTTP service imports as well; the figure / GIF / JSON writers and the
-`captioner visualize` command sit on top of them.
+Attention maps are drawn one way, here and on the service's web page (service/static/app.js):
+- the payload (`attention_payload`, also the service's `attention` field): tokens, alphas T x h x w (row-major
+  over the feature grid), betas, grid {"height": h, "width": w};
+- upsampling (`upsample_attention`): bilinear with half-pixel centres (PyTorch's align_corners=False), onto the
+  whole displayed photo (the encoder squashed the whole photo to a square, so the grid covers all of it), then
+  scaled by the map's own peak (`normalize_heat`);
+- colour (`attention_style()`): the `attention_colours()` lookup table (matplotlib's jet, 256 RGB entries) blended
+  over the photo at 50% opacity. The page fetches this table and the opacity from the service
+  (/attention-style.json) and upsamples the same way in JavaScript.
 
-Shape legend: T generated words (END included, START excluded), L = H' * W' attention locations, (H', W') the
-feature grid, (H, W) the image in pixels. Sizes passed to PIL are (W, H), arrays are (H, W).
+The maths lives in small pure functions; the figure / GIF / JSON writers and `captioner visualize` sit on top.
+
+Shape legend: T generated words (END included, START excluded), L = h * w attention locations, (h, w) the
+feature grid; a photo's size is (height, width) in pixels. Sizes passed to PIL are (width, height), arrays are
+(height, width).
 """
 
 from __future__ import annotations
@@ -16,25 +25,27 @@ import math
 import sys
 import textwrap
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from .images import ImageError
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from .api import CaptionResult
 
 FORMATS = ("png", "pdf", "gif")
 DEFAULT_COLUMNS = 5
 DEFAULT_CMAP = "jet"
 DEFAULT_OPACITY = 0.5  # share of the heat-map colour in the blend: the photo must stay recognisable
+COLOUR_LEVELS = 256  # entries of the colour lookup table
 FIGURE_MAX_SIDE = 640  # px the photo is shown at in figures (COCO photos are <= 640 anyway)
 GIF_MAX_SIDE = 480
 GIF_FRAME_MS = 700
@@ -45,7 +56,7 @@ GIF_FRAME_MS = 700
 
 
 def attention_grids(alphas: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """alphas (T, L) -> (T, H', W') float32. L is row-major over the grid, like the encoder's flatten."""
+    """alphas (T, L) -> (T, h, w) float32. L is row-major over the grid, like the encoder's flatten."""
     a = alphas.detach().float().cpu().numpy() if isinstance(alphas, torch.Tensor) else np.asarray(alphas)
     h, w = grid
     if a.ndim != 2 or a.shape[1] != h * w:
@@ -54,13 +65,14 @@ def attention_grids(alphas: torch.Tensor | np.ndarray, grid: tuple[int, int]) ->
 
 
 def upsample_attention(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """One map (H', W') -> (H, W) float32 for size = (W, H), bilinear (smooth, not blocky), clipped at 0.
+    """One map (h, w) -> (height, width) float32 for size = (width, height), bilinear with half-pixel centres
+    (smooth, not blocky), clipped at 0. static/app.js `upsample` computes the same numbers for the page.
 
     The whole image is squashed to the encoder's square input, so the grid covers the whole image: stretching it
     to the image's own W x H puts every cell back where it came from, whatever the aspect ratio.
     """
     width, height = size
-    t = torch.as_tensor(np.asarray(grid_map, dtype=np.float32))[None, None]  # (1, 1, H', W')
+    t = torch.as_tensor(np.asarray(grid_map, dtype=np.float32))[None, None]  # (1, 1, h, w)
     up = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
     return up[0, 0].clamp_(min=0).numpy()
 
@@ -72,19 +84,43 @@ def normalize_heat(heat: np.ndarray) -> np.ndarray:
     return heat / peak if peak > 0 else np.zeros_like(heat)
 
 
+def attention_colours(cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """The colour ramp as a lookup table: (256, 3) uint8, entry i for heat in [i / 256, (i + 1) / 256)."""
+    return _colour_table(cmap).copy()
+
+
+@cache
+def _colour_table(cmap: str) -> np.ndarray:
+    import matplotlib  # here, not at import: the service imports this module and needs matplotlib only once
+
+    table = matplotlib.colormaps[cmap].resampled(COLOUR_LEVELS)(np.arange(COLOUR_LEVELS))[:, :3]
+    return (table * 255).round().astype(np.uint8)
+
+
+def colour_index(heat: np.ndarray) -> np.ndarray:
+    """Heat in [0, 1] -> lookup-table entries 0..255 (as matplotlib indexes a colormap: floor(heat * 256),
+    1.0 -> the last entry)."""
+    return np.minimum((np.clip(heat, 0.0, 1.0) * COLOUR_LEVELS).astype(np.int64), COLOUR_LEVELS - 1)
+
+
+def attention_style(cmap: str = DEFAULT_CMAP, opacity: float = DEFAULT_OPACITY) -> dict:
+    """What the web page needs to colour a map exactly as the figures do (JSON-ready)."""
+    return {"colours": attention_colours(cmap).tolist(), "opacity": opacity}
+
+
 def overlay(image: Image.Image | np.ndarray, heat: np.ndarray, cmap: str = DEFAULT_CMAP,
             opacity: float = DEFAULT_OPACITY) -> np.ndarray:
-    """RGB image (H, W, 3) + heat (H, W) in [0, 1] -> blended RGB uint8 (H, W, 3)."""
+    """RGB image (height, width, 3) + heat (height, width) in [0, 1] -> blended RGB uint8 (height, width, 3)."""
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if rgb.shape[:2] != heat.shape:
         raise ValueError(f"heat map {heat.shape} does not match the image {rgb.shape[:2]}")
-    colours = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3].astype(np.float32) * 255.0
+    colours = attention_colours(cmap)[colour_index(heat)].astype(np.float32)
     return (rgb * (1.0 - opacity) + colours * opacity).round().astype(np.uint8)
 
 
 def attention_overlays(image: Image.Image, alphas: torch.Tensor | np.ndarray, grid: tuple[int, int],
                        cmap: str = DEFAULT_CMAP, opacity: float = DEFAULT_OPACITY) -> list[np.ndarray]:
-    """One blended RGB array (H, W, 3) per generated word, at the image's own size."""
+    """One blended RGB array (height, width, 3) per generated word, at the image's own size."""
     return [
         overlay(image, normalize_heat(upsample_attention(g, image.size)), cmap, opacity)
         for g in attention_grids(alphas, grid)
@@ -93,8 +129,8 @@ def attention_overlays(image: Image.Image, alphas: torch.Tensor | np.ndarray, gr
 
 def attention_payload(words: Sequence[str], alphas: torch.Tensor | np.ndarray, betas: torch.Tensor | Sequence[float],
                       grid: tuple[int, int], decimals: int = 5) -> dict:
-    """JSON-ready weights: {"tokens", "alphas" (T x H' x W' nested lists), "betas" (T), "grid" [H', W']}.
-    What `--json` writes and what a web page needs to draw the overlays itself."""
+    """JSON-ready weights: {"tokens", "alphas" (T x h x w nested lists), "betas" (T), "grid" {"height", "width"}}.
+    What `--json` writes and what the service returns for a web page to draw the overlays itself."""
     grids = attention_grids(alphas, grid)
     if len(words) != len(grids):
         raise ValueError(f"{len(words)} words but {len(grids)} attention maps")
@@ -105,7 +141,7 @@ def attention_payload(words: Sequence[str], alphas: torch.Tensor | np.ndarray, b
         "tokens": list(words),
         "alphas": np.round(grids.astype(np.float64), decimals).tolist(),
         "betas": [round(float(x), decimals) for x in b],
-        "grid": [int(grid[0]), int(grid[1])],
+        "grid": {"height": int(grid[0]), "width": int(grid[1])},
     }
 
 
@@ -141,6 +177,8 @@ def render_figure(image: Image.Image, words: Sequence[str], alphas: torch.Tensor
     """The paper's figure: the photo, then one panel per word (END included) with its attention overlaid and
     the word and gate beta as the title. Panels wrap after `columns`. Axes are labelled "image" and "word-<t>"
     so callers (and tests) can find the word panels."""
+    from matplotlib.figure import Figure
+
     if len(words) == 0:
         raise ValueError("nothing to draw: no generated words")
     if columns < 1:
@@ -178,6 +216,8 @@ def word_axes(fig: Figure) -> list:
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     # matplotlib ships DejaVu Sans, which has "β"; PIL's bitmap default font does not.
+    import matplotlib
+
     try:
         return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
     except OSError:
@@ -271,8 +311,9 @@ def run(args: argparse.Namespace) -> int:
     """Caption each image (folders expanded, in batches), write its figure (and JSON), print what was written as
     each batch finishes. Exit 1 if any image failed, 2 on bad arguments; the good images are rendered either way."""
     from .api import load_captioner
-    from .evaluate import decoding_options, engine_options
+    from .evaluate import engine_options
     from .imagefiles import emit, find_images, progress_bar, read_batches
+    from .options import decoding_options
 
     images, skipped = find_images(args.images, args.recursive)
     try:

@@ -19,8 +19,8 @@ from pathlib import Path
 from captioner.api import load_captioner
 from captioner.coco import load_coco_captions
 from captioner.decoding import DecodingOptions
+from captioner.evaluate import validate
 from captioner.features import build_feature_store
-from captioner.train import evaluate
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     ]
     rows = []
     for options in settings:
-        scores, _ = evaluate(captioner.decoder, records, store, captioner.vocab, options)
+        scores, _ = validate(captioner.decoder, records, store, captioner.vocab, options)
         rows.append((scores["CIDEr"], scores["BLEU-4"], options))
     rows.sort(key=lambda r: -r[0])  # best CIDEr first
     print(f"{'method':>6} {'beam':>4} {'len.pen':>7} {'no-rep':>6} {'BLEU-4':>7} {'CIDEr':>6}")

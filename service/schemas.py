@@ -3,34 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from captioner.api import CaptionResult
-from captioner.decoding import DecodingOptions
+from captioner.options import DecodingOptions, decoding_fields
+from captioner.visualize import attention_payload
+
+
+def decoding_model(name: str, doc: str, *, optional: bool = False, limits: bool = True,
+                   defaults: dict[str, Any] | None = None, exclude: tuple[str, ...] = (),
+                   base: type[BaseModel] = BaseModel, **extra: Any) -> type[BaseModel]:
+    """A pydantic model with one field per DecodingOptions field, derived from its definition (type, bounds, and
+    with `limits` the service's tighter limits, description). `optional`: every field defaults to None (a request
+    leaves it out); else `defaults` (or required when None). `extra` fields are added after them."""
+    specs = {}
+    for spec in decoding_fields():
+        if spec.name in exclude:
+            continue
+        bounds = spec.service_bounds if limits else ()
+        kind = Annotated[(spec.type, *bounds)] if bounds else spec.type
+        if optional:
+            kind, default = kind | None, None
+        else:
+            default = ... if defaults is None else defaults[spec.name]
+        specs[spec.name] = (kind, Field(default, description=spec.about.description))
+    return create_model(name, __base__=base, __doc__=doc, __module__=__name__, **specs, **extra)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Request.
 
 
-class CaptionParams(BaseModel):
-    """Optional decoding parameters, from the query string or (multipart uploads) form fields. Anything left out
-    takes the server's default; unknown names are refused (422) so a typo never silently does nothing."""
-
+class _CaptionParamsBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-    method: Literal["greedy", "sample", "beam"] | None = Field(None, description="decoding method")
-    beam_size: int | None = Field(None, ge=1, le=10, description="beams kept by beam search")
-    max_length: int | None = Field(None, ge=1, le=50, description="most words in a caption")
-    length_penalty: float | None = Field(None, ge=0, le=5, description="beam score = log p / length**this")
-    no_repeat_ngram_size: int | None = Field(None, ge=0, le=10, description="beam search: no repeated n-grams")
-    temperature: float | None = Field(None, ge=0, le=5, description="sampling temperature (0: greedy)")
-    top_k: int | None = Field(None, ge=0, le=1000, description="sample from the k likeliest words (0: all)")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
-    num_captions: int | None = Field(None, ge=1, le=10, description="captions returned (n-best or samples)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed, for reproducible samples")
-    attention: bool = Field(False, description="include the attention map of every word of the best caption")
 
     def decoding(self, defaults: DecodingOptions) -> DecodingOptions:
         """The options actually used: these parameters over the server defaults. Raises ValueError (-> 422) for
@@ -38,6 +45,16 @@ class CaptionParams(BaseModel):
         # More captions than the default beam holds widens the beam; an explicit beam_size that is too small is
         # still an error the client should see (DecodingOptions.updated).
         return defaults.updated(**self.model_dump(exclude_none=True, exclude={"attention"}))
+
+
+CaptionParams = decoding_model(
+    "CaptionParams",
+    """Optional decoding parameters, from the query string or (multipart uploads) form fields. Anything left out
+    takes the server's default; unknown names are refused (422) so a typo never silently does nothing.""",
+    optional=True,
+    base=_CaptionParamsBase,
+    attention=(bool, Field(False, description="include the attention map of every word of the best caption")),
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -49,17 +66,7 @@ class CandidateOut(BaseModel):
     log_prob: float = Field(description="sum of log p(word) under the model, <end> included")
 
 
-class DecodingOut(BaseModel):
-    method: str
-    max_length: int
-    beam_size: int
-    length_penalty: float
-    no_repeat_ngram_size: int
-    temperature: float
-    top_k: int
-    top_p: float
-    num_captions: int
-    seed: int | None
+DecodingOut = decoding_model("DecodingOut", "The decoding options the caption was made with.", limits=False)
 
 
 class ModelOut(BaseModel):
@@ -74,10 +81,14 @@ class GridOut(BaseModel):
 
 
 class AttentionOut(BaseModel):
-    grid: GridOut
+    """The best caption's attention maps: captioner.visualize.attention_payload, the shape `captioner visualize
+    --json` writes too."""
+
     tokens: list[str] = Field(description="the best caption's words, <end> included: one map each")
-    weights: list[list[float]] = Field(description="per token, height*width weights (row-major) summing to 1")
+    alphas: list[list[list[float]]] = Field(description="per token, a height x width map (rows of the feature "
+                                            "grid, top to bottom) summing to 1")
     betas: list[float] = Field(description="per token, the gate: how much the word used the image at all")
+    grid: GridOut
 
 
 class TimingOut(BaseModel):
@@ -117,13 +128,7 @@ class HealthResponse(BaseModel):
 
 def attention_out(result: CaptionResult, decimals: int = 6) -> AttentionOut:
     best = result.candidates[0]
-    height, width = result.grid
-    return AttentionOut(
-        grid=GridOut(height=height, width=width),
-        tokens=best.words,
-        weights=[[round(w, decimals) for w in row] for row in best.alphas.tolist()],
-        betas=[round(b, decimals) for b in best.betas.tolist()],
-    )
+    return AttentionOut(**attention_payload(best.words, best.alphas, best.betas, result.grid, decimals))
 
 
 def decoding_out(options: DecodingOptions) -> DecodingOut:

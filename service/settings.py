@@ -8,11 +8,21 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from captioner.decoding import RECOMMENDED, DecodingOptions
+from captioner.options import DecodingOptions, decoding_fields
+
+from .schemas import decoding_model
+
+# Decoding defaults, used for every parameter a request leaves out: captioner's recommended ones (chosen on val),
+# with the same bounds and limits as the request parameters. No server-wide seed: every sample would be the same.
+DecodingDefaults = decoding_model(
+    "DecodingDefaults", "The server's decoding defaults (CAPTIONER_METHOD, CAPTIONER_BEAM_SIZE, ...).",
+    defaults={spec.name: spec.recommended for spec in decoding_fields()}, exclude=("seed",),
+)
 
 
-class Settings(BaseSettings):
-    """Every field is also an environment variable: `max_batch` <- `CAPTIONER_MAX_BATCH`, and so on."""
+class Settings(BaseSettings, DecodingDefaults):
+    """Every field is also an environment variable: `max_batch` <- `CAPTIONER_MAX_BATCH`, and so on (the decoding
+    defaults, `method` <- `CAPTIONER_METHOD` ..., come from DecodingOptions through `DecodingDefaults`)."""
 
     model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore")
 
@@ -46,17 +56,6 @@ class Settings(BaseSettings):
     encoder_batch: int | None = Field(None, ge=1, le=256)
     request_timeout_s: float = Field(120.0, gt=0)  # waiting for the model longer than this: 503
 
-    # Decoding defaults, used for every parameter a request leaves out: captioner's recommended ones, chosen on val.
-    method: Literal["greedy", "sample", "beam"] = RECOMMENDED["method"]
-    beam_size: int = Field(RECOMMENDED["beam_size"], ge=1, le=10)
-    max_length: int = Field(20, ge=1, le=50)
-    length_penalty: float = Field(RECOMMENDED["length_penalty"], ge=0, le=5)
-    no_repeat_ngram_size: int = Field(RECOMMENDED["no_repeat_ngram_size"], ge=0, le=10)
-    temperature: float = Field(1.0, ge=0, le=5)
-    top_k: int = Field(0, ge=0, le=1000)
-    top_p: float = Field(1.0, gt=0, le=1)
-    num_captions: int = Field(1, ge=1, le=10)
-
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_api_keys(cls, value: object) -> object:
@@ -70,14 +69,4 @@ class Settings(BaseSettings):
         return 1 if self.device.split(":")[0] == "cpu" else self.max_batch
 
     def default_decoding(self) -> DecodingOptions:
-        return DecodingOptions(
-            method=self.method,
-            max_length=self.max_length,
-            beam_size=self.beam_size,
-            length_penalty=self.length_penalty,
-            no_repeat_ngram_size=self.no_repeat_ngram_size,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            num_captions=self.num_captions,
-        )
+        return DecodingOptions(**{name: getattr(self, name) for name in DecodingDefaults.model_fields})

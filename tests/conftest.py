@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from captioner.api import default_checkpoint_path
-from captioner.checkpoint import save_checkpoint
 from captioner.coco import load_coco_captions
-from captioner.encoder import Preprocessing, get_backbone
-from captioner.model import AttentionDecoder, CaptionerConfig
+from captioner.model import AttentionDecoder
 from captioner.vocab import Vocabulary
+from tests.helpers import save_tiny_checkpoint, tiny_config
 
 # The models in tests are tiny: one thread is as fast, and with two processes on two cores (the test server, a
 # browser, a training run) PyTorch's spinning worker threads made steps up to 20x slower here.
@@ -55,12 +54,6 @@ def vocab(train_records) -> Vocabulary:
     return Vocabulary.build((c for r in train_records for c in r.captions), min_count=5)
 
 
-def tiny_config(vocab_size: int, feature_dim: int = 16, **overrides) -> CaptionerConfig:
-    settings = dict(embed_dim=24, hidden_dim=32, attention_dim=16, dropout=0.0)
-    settings.update(overrides)
-    return CaptionerConfig(vocab_size=vocab_size, feature_dim=feature_dim, **settings)
-
-
 @pytest.fixture
 def tiny_decoder(vocab) -> AttentionDecoder:
     torch.manual_seed(0)
@@ -79,9 +72,6 @@ def shipped_checkpoint() -> Path:
 def lite0_checkpoint(tmp_path_factory, vocab) -> Path:
     """An untrained decoder on the efficientnet-lite0 backbone with the real vocabulary: loads through the
     same path as a trained one (real encoder weights), captions are gibberish but well-formed."""
-    torch.manual_seed(0)
-    spec = get_backbone("efficientnet-lite0")
-    decoder = AttentionDecoder(tiny_config(len(vocab), feature_dim=spec.feature_dim))
     path = tmp_path_factory.mktemp("ckpt") / "lite0-untrained.pt"
-    save_checkpoint(path, decoder, vocab, spec.name, Preprocessing(448, spec.mean, spec.std))
+    save_tiny_checkpoint(path, vocab)
     return path

@@ -1,7 +1,9 @@
-"""Small builders for tests: subsets of the real COCO files, corrupt copies, a real server, system parts."""
+"""Small builders for tests: tiny model configs and checkpoints, argv of tiny training runs, subsets of the real
+COCO files (with corrupt copies), a real uvicorn server, system parts."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -13,10 +15,71 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import uvicorn
 
+from captioner import train
+from captioner.checkpoint import save_checkpoint
+from captioner.encoder import Preprocessing, get_backbone
+from captioner.model import AttentionDecoder, CaptionerConfig
+from captioner.vocab import Vocabulary
 from service.app import create_app
 from service.settings import Settings
+
+
+def tiny_config(vocab_size: int, feature_dim: int = 16, **overrides) -> CaptionerConfig:
+    """A decoder small enough to train in seconds (embedding 24, hidden 32, attention 16, no dropout)."""
+    settings = dict(embed_dim=24, hidden_dim=32, attention_dim=16, dropout=0.0)
+    settings.update(overrides)
+    return CaptionerConfig(vocab_size=vocab_size, feature_dim=feature_dim, **settings)
+
+
+def save_tiny_checkpoint(path: Path, vocab: Vocabulary, encoder: str = "efficientnet-lite0", image_size: int = 448,
+                         seed: int = 0, **overrides) -> AttentionDecoder:
+    """An untrained tiny decoder for `encoder`'s features, saved as a checkpoint like a trained one."""
+    torch.manual_seed(seed)
+    spec = get_backbone(encoder)
+    decoder = AttentionDecoder(tiny_config(len(vocab), feature_dim=spec.feature_dim, **overrides))
+    save_checkpoint(path, decoder, vocab, spec.name, Preprocessing(image_size, spec.mean, spec.std))
+    return decoder
+
+
+def train_argv(data: Path, out: Path, cache: Path, epochs: int = 2, **flags) -> list[str]:
+    """argv of a tiny `captioner train` run (random 64-px encoder, tiny decoder) on a `write_coco_subset` folder.
+    `flags` add or replace options: dropout=0 -> --dropout 0, resume=True -> --resume."""
+    options = {
+        "train_images": data / "train", "train_captions": data / "captions_train.json",
+        "val_images": data / "val", "val_captions": data / "captions_val.json",
+        "output_dir": out, "cache_dir": cache, "random_encoder": True, "image_size": 64, "min_word_count": 1,
+        "embed_dim": 16, "hidden_dim": 32, "attention_dim": 16, "batch_size": 8, "epochs": epochs, "lr": 3e-3,
+        "no_progress": True, "device": "cpu", **flags,
+    }
+    argv = []
+    for name, value in options.items():
+        if value is False or value is None:
+            continue
+        argv.append("--" + name.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
+def train_args(tmp_path: Path, coco_mini: Path, out: Path, epochs: int, **overrides) -> argparse.Namespace:
+    """Parsed arguments of a tiny training run on 8 real training photos (one of them corrupt) and 3 validation
+    photos, written once under tmp_path/data; `overrides` replace parsed values (Python values, not strings)."""
+    data = tmp_path / "data"
+    if not data.exists():
+        write_coco_subset(coco_mini, "train", 8, data, corrupt=1)
+        write_coco_subset(coco_mini, "val", 3, data)
+    argv = train_argv(data, out, tmp_path / "cache", epochs, dropout=0.3, patience=100)
+    args = train.get_args_parser().parse_args(argv)
+    vars(args).update(overrides)
+    return args
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def running_in_ci() -> bool:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from captioner.encoder import BACKBONES, Encoder, get_backbone, prepare_cpu_inference
+from captioner.encoder import Encoder, get_backbone, prepare_cpu_inference
 from captioner.images import open_image
 
 CATEGORIES = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]  # in the code, no download
@@ -36,11 +36,29 @@ def test_offline_backbone_recognises_real_photos_and_gives_a_14x14_grid(name, co
     assert encoder.grid_size() == (14, 14)
 
 
-def test_backbones_carry_their_preprocessing():
-    assert BACKBONES["efficientnet-lite0"].mean == (127 / 255,) * 3
-    assert BACKBONES["efficientnet-lite0"].std == (128 / 255,) * 3
-    assert BACKBONES["resnet152-resmem"].mean == (0.0,) * 3 and BACKBONES["resnet152-resmem"].std == (1.0,) * 3
-    assert BACKBONES["resnet101"].mean == (0.485, 0.456, 0.406)
+def test_backbones_carry_their_preprocessing(coco_mini):
+    """An encoder normalises with its own backbone's statistics: a real photo, resized to the input side, comes out
+    as (pixel - mean) / std per channel: EfficientNet-Lite's (x - 127) / 128 on 0..255, ImageNet statistics for
+    torchvision's ResNets."""
+    from PIL import Image
+
+    from captioner.encoder import pil_to_tensor
+
+    photo = open_image(coco_mini / "val" / "000000024585.jpg")
+    resized = pil_to_tensor(photo.resize((64, 64), Image.Resampling.BICUBIC))  # (3, 64, 64) in [0, 1]
+    outputs = {}
+    for name in ("efficientnet-lite0", "resnet50"):
+        encoder = Encoder(name, pretrained=False, image_size=64)
+        spec = get_backbone(name)
+        x = encoder.preprocessing(photo)
+        assert x.shape == (3, 64, 64)
+        mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+        torch.testing.assert_close(x * std + mean, resized)
+        outputs[name] = x
+    lite = outputs["efficientnet-lite0"]
+    torch.testing.assert_close(lite, (resized * 255 - 127) / 128)
+    assert lite.min() >= -127 / 128 and lite.max() <= 1.0
+    assert not torch.allclose(outputs["resnet50"], lite)  # ImageNet statistics differ from Lite's
 
 
 def test_torchvision_backbone_without_weights_gives_a_grid():

@@ -21,8 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from captioner.visualize import DEFAULT_OPACITY, attention_colours, colour_index, normalize_heat, upsample_attention
 from service.settings import Settings
 from tests.helpers import CHROMIUM, require_command, running_server
 
@@ -183,6 +185,35 @@ HEATMAP_INK = """(() => {
 })()"""
 
 
+def assert_drawn_like_the_figures(page: DevTools) -> None:
+    """The page upsamples, scales and colours a map with captioner.visualize's rule and lookup table."""
+    grid_map = np.array([[0.0, 1.0, 0.2], [0.6, 0.0, 0.4]], dtype=np.float32)
+    ours = page.evaluate(f"Array.from(upsample({json.dumps(grid_map.tolist())}, {{height: 2, width: 3}}, 7, 5))")
+    np.testing.assert_allclose(np.asarray(ours).reshape(5, 7), upsample_attention(grid_map, (7, 5)), atol=1e-6)
+
+    # The first word's map as drawn on the canvas, at sample points, against the figures' colours there.
+    drawn = page.evaluate("""(() => {
+      const c = document.querySelector('#heatmap');
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      const points = [];
+      for (let k = 0; k < 400; k++) {
+        const x = Math.floor((k * 7919) % c.width), y = Math.floor((k * 104729) % c.height);
+        points.push([x, y, ...d.slice((y * c.width + x) * 4, (y * c.width + x) * 4 + 4)]);
+      }
+      return {width: c.width, height: c.height, points, alphas: page.result.attention.alphas[page.word]};
+    })()""")
+    heat = normalize_heat(upsample_attention(np.asarray(drawn["alphas"], dtype=np.float32),
+                                             (drawn["width"], drawn["height"])))
+    expected = attention_colours()[colour_index(heat)]
+    points = np.asarray(drawn["points"])
+    assert (points[:, 5] == round(255 * DEFAULT_OPACITY)).all()  # blended at the figures' opacity
+    # The canvas keeps premultiplied alpha, so a colour read back at opacity 0.5 may be off by one; a neighbouring
+    # entry of the table (a heat on a bin edge) is further off than that.
+    off = np.abs(points[:, 2:5] - expected[points[:, 1], points[:, 0]].astype(int)).max(axis=1)
+    same = off <= 1
+    assert same.mean() > 0.97, f"{(~same).sum()} of {len(same)} sampled pixels differ from the figures' colours"
+
+
 @pytest.mark.browser
 def test_web_page_captions_an_uploaded_coco_photo(coco_mini, shipped_checkpoint, tmp_path):
     photo = coco_mini / "val" / PHOTO
@@ -211,6 +242,7 @@ def test_web_page_captions_an_uploaded_coco_photo(coco_mini, shipped_checkpoint,
         assert len(candidates) == 3 and all("log p" in c for c in candidates)
         assert page.evaluate("document.querySelector('#photo').naturalWidth") == 640
         assert page.evaluate(HEATMAP_INK) > 10, "no attention heat map drawn over the photo"
+        assert_drawn_like_the_figures(page)
         assert page.evaluate("document.querySelector('#words .word.active').textContent") == words[0]
 
         # Hover the second word (a real mouse move), then step on with the right-arrow key.

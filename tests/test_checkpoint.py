@@ -7,7 +7,7 @@ from captioner.checkpoint import CheckpointError, atomic_torch_save, load_checkp
 from captioner.encoder import Preprocessing
 from captioner.model import AttentionDecoder
 from captioner.vocab import Vocabulary
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 PRE = Preprocessing(448, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 

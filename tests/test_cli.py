@@ -74,7 +74,7 @@ def test_impossible_decoding_flags_exit_with_the_reason(coco_mini, capsys):
 
 def test_beam_widens_to_num_captions_only_when_not_given():
     from captioner.cli import build_parser
-    from captioner.evaluate import decoding_options
+    from captioner.options import decoding_options
 
     parser = build_parser()
     widened = decoding_options(parser.parse_args(["caption", "x.jpg", "--num-captions", "4"]))

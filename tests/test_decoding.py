@@ -5,7 +5,7 @@ import torch
 
 from captioner.decoding import DecodingOptions, _banned_ngram_tokens, generate
 from captioner.model import AttentionDecoder
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 B, L, D = 4, 12, 16
 

@@ -9,18 +9,11 @@ import torch
 
 from captioner import train
 from captioner.checkpoint import load_checkpoint
-from tests.helpers import write_coco_subset
+from tests.helpers import train_argv, write_coco_subset
 
 
-def _argv(data, out, cache):
-    return [
-        "--train-images", str(data / "train"), "--train-captions", str(data / "captions_train.json"),
-        "--val-images", str(data / "val"), "--val-captions", str(data / "captions_val.json"),
-        "--output-dir", str(out), "--cache-dir", str(cache), "--random-encoder", "--image-size", "64",
-        "--min-word-count", "1", "--embed-dim", "16", "--hidden-dim", "32", "--attention-dim", "16",
-        "--dropout", "0", "--batch-size", "8", "--epochs", "2", "--lr", "3e-3", "--lr-schedule", "none",
-        "--no-progress", "--device", "cpu", "--seed", "3",
-    ]
+def _argv(data, out, cache, epochs=2, **flags):
+    return train_argv(data, out, cache, epochs, dropout=0, lr_schedule="none", seed=3, **flags)
 
 
 def test_ddp_with_two_processes_matches_one_process(coco_mini, tmp_path):
@@ -64,18 +57,15 @@ def test_ddp_runs_hard_attention_and_an_scst_stage(coco_mini, tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
               "-m", "captioner", "train"]
     hard = tmp_path / "hard"
-    argv = _argv(data, hard, tmp_path / "cache")
-    argv[argv.index("--epochs") + 1] = "1"
-    done = subprocess.run([*launch, *argv, "--attention", "hard"], env=env, capture_output=True, text=True,
+    argv = _argv(data, hard, tmp_path / "cache", epochs=1, attention="hard")
+    done = subprocess.run([*launch, *argv], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     decoder = load_checkpoint(hard / "last.pt").decoder
     assert decoder.reinforce_updates > 0 and torch.isfinite(decoder.reinforce_baseline)
     scst_run = tmp_path / "scst"
-    argv = _argv(data, scst_run, tmp_path / "cache")
-    argv[argv.index("--epochs") + 1] = "1"
-    argv[argv.index("--batch-size") + 1] = "4"
-    done = subprocess.run([*launch, *argv, "--scst", "--init-from", str(hard / "last.pt")], env=env,
+    argv = _argv(data, scst_run, tmp_path / "cache", epochs=1, batch_size=4, scst=True, init_from=hard / "last.pt")
+    done = subprocess.run([*launch, *argv], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (scst_run / "metrics.jsonl").read_text().splitlines()]

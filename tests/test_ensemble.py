@@ -16,7 +16,7 @@ from captioner.ensemble import EnsembleDecoder
 from captioner.images import open_image
 from captioner.model import AttentionDecoder
 from captioner.vocab import Vocabulary
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 OPTIONS = [
     DecodingOptions(),

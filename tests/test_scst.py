@@ -14,8 +14,7 @@ from captioner.coco import ImageRecord
 from captioner.decoding import DecodingOptions, allowed_logits, generate
 from captioner.model import AttentionDecoder
 from captioner.vocab import Vocabulary, tokenize
-from tests.conftest import tiny_config
-from tests.test_train import _args, _rows
+from tests.helpers import metrics_rows, save_tiny_checkpoint, tiny_config, train_args
 
 
 def _val_references(coco_mini, n_images):
@@ -90,7 +89,7 @@ def test_rescored_log_probs_are_the_samplers(vocab):
         hyps = [h for image in generate(decoder, features, vocab, options) for h in image]
         captions = scst.captions_tensor(hyps, vocab, features.device)
         repeated = features.repeat_interleave(4, dim=0)
-        logits, _ = decoder(repeated, captions)
+        logits = decoder(repeated, captions).logits
         token_log_probs, mask = scst.sequence_log_probs(logits, captions, vocab, max_length)
         assert mask.sum(1).tolist() == [len(h.tokens) for h in hyps]
         expected = _sampler_log_probs(decoder, repeated, captions, vocab, max_length)
@@ -122,7 +121,7 @@ def test_scst_raises_the_cider_reward_of_samples(baseline):
     torch.manual_seed(0)
     records = [ImageRecord(i, None, (c,)) for i, c in enumerate(captions)]  # type: ignore[arg-type]
     store = _MemoryStore({i: torch.randn(5, 16) for i in range(4)})
-    images = scst.ImageFeatures(records, store)
+    images = scst.ScstImageDataset(records, store)
     cider, references = scst.reward_scorer(images.records)
     decoder = AttentionDecoder(tiny_config(len(vocab), dropout=0.0))
     model = train.CaptionModel(decoder)
@@ -137,25 +136,25 @@ def test_scst_raises_the_cider_reward_of_samples(baseline):
 
 def test_scst_needs_a_trained_model_to_start_from(tmp_path, coco_mini):
     with pytest.raises(SystemExit, match="--init-from"):
-        train.main(_args(tmp_path, coco_mini, tmp_path / "scst", epochs=1, scst=True))
+        train.main(train_args(tmp_path, coco_mini, tmp_path / "scst", epochs=1, scst=True))
 
 
 def test_scst_stage_runs_resumes_and_logs_rewards(tmp_path, coco_mini):
     """`captioner train --scst --init-from`: the CLI path end to end on real COCO captions."""
     xe = tmp_path / "xe"
-    train.main(_args(tmp_path, coco_mini, xe, epochs=2))
+    train.main(train_args(tmp_path, coco_mini, xe, epochs=2))
     straight, interrupted = tmp_path / "scst", tmp_path / "scst-killed"
     common = dict(scst=True, init_from=xe / "best.pt", batch_size=4, lr=None)
-    train.main(_args(tmp_path, coco_mini, straight, epochs=2, **common))
-    rows = _rows(straight)
+    train.main(train_args(tmp_path, coco_mini, straight, epochs=2, **common))
+    rows = metrics_rows(straight)
     assert [r["epoch"] for r in rows] == [1, 2]
     for r in rows:
         assert 0 <= r["train_reward_CIDEr"] and 0 <= r["train_baseline_CIDEr"] and "CIDEr" in r
     assert rows[0]["lr"] == 1e-5  # the SCST default learning rate
-    train.main(_args(tmp_path, coco_mini, interrupted, epochs=1, **common))
-    train.main(_args(tmp_path, coco_mini, interrupted, epochs=2, resume=True, **common))
+    train.main(train_args(tmp_path, coco_mini, interrupted, epochs=1, **common))
+    train.main(train_args(tmp_path, coco_mini, interrupted, epochs=2, resume=True, **common))
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(interrupted)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in metrics_rows(interrupted)]
 
 
 def test_scst_mirrored_views_are_scored_against_mirrored_references():
@@ -163,7 +162,7 @@ def test_scst_mirrored_views_are_scored_against_mirrored_references():
     records = [ImageRecord(i, None, (c,)) for i, c in enumerate(captions)]  # type: ignore[arg-type]
     original = _MemoryStore({i: torch.zeros(3, 4) for i in range(2)})
     mirrored = _MemoryStore({i: torch.ones(3, 4) for i in range(2)})
-    images = scst.ImageFeatures(records, original, [("flip", mirrored)], seed=0)
+    images = scst.ScstImageDataset(records, original, [("flip", mirrored)], seed=0)
     seen = set()
     for epoch in range(8):
         images.set_epoch(epoch)
@@ -178,10 +177,11 @@ def test_scst_mirrored_views_are_scored_against_mirrored_references():
     assert cider.score(as_written, references[0][False]) > cider.score(swapped, references[0][False])
 
 
-def test_scst_dropout_is_refused_for_hard_attention(tmp_path, coco_mini):
+def test_scst_dropout_is_refused_for_hard_attention(tmp_path, coco_mini, vocab):
     """Sampling and re-scoring would draw different attention locations: not the sampled captions' gradient."""
-    xe = tmp_path / "xe"
-    train.main(_args(tmp_path, coco_mini, xe, epochs=1, attention="hard"))
+    hard = tmp_path / "hard.pt"
+    save_tiny_checkpoint(hard, vocab, image_size=64, attention="hard")
     with pytest.raises(SystemExit, match="--scst-dropout"):
-        train.main(_args(tmp_path, coco_mini, tmp_path / "scst", epochs=1, scst=True, init_from=xe / "best.pt",
-                         scst_dropout=True, lr=None))
+        train.main(train_args(tmp_path, coco_mini, tmp_path / "scst", epochs=1, scst=True, init_from=hard,
+                              scst_dropout=True, lr=None))
+    assert not (tmp_path / "scst" / "last.pt").exists()  # refused before any training

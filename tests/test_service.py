@@ -134,10 +134,14 @@ def test_caption_raw_image_body_with_query_parameters(client, photo):
 def test_form_fields_choose_the_n_best_list(client, photo):
     response = post_image(client, photo, fields={"method": "beam", "beam_size": "4", "num_captions": "3"})
     assert response.status_code == 200, response.text
-    candidates = response.json()["candidates"]
-    assert len(candidates) == 3
-    log_probs = [c["log_prob"] for c in candidates]
-    assert log_probs == sorted(log_probs, reverse=True)
+    body = response.json()
+    candidates = body["candidates"]
+    assert len(candidates) == 3 and len({c["caption"] for c in candidates}) == 3  # three different beams
+    d = body["decoding"]
+    assert (d["method"], d["beam_size"], d["num_captions"]) == ("beam", 4, 3)  # the form fields were used
+    # Beam search ranks by its score, log p / (words + END) ** length_penalty, not by log p itself.
+    scores = [c["log_prob"] / (len(c["caption"].split()) + 1) ** d["length_penalty"] for c in candidates]
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_more_captions_than_the_default_beam_widens_it(client, photo):
@@ -156,11 +160,18 @@ def test_attention_maps_for_every_word(client, photo):
     assert (height, width) == (14, 14)
     tokens = attention["tokens"]
     assert tokens[-1] == "<end>" and " ".join(tokens[:-1]) == body["caption"]
-    assert len(attention["weights"]) == len(tokens) == len(attention["betas"])
-    for row in attention["weights"]:
-        assert len(row) == height * width
-        assert sum(row) == pytest.approx(1.0, abs=1e-3)
+    alphas = np.asarray(attention["alphas"])  # the payload `captioner visualize --json` writes: T x h x w
+    assert alphas.shape == (len(tokens), height, width) == (len(attention["betas"]), 14, 14)
+    assert alphas.sum(axis=(1, 2)) == pytest.approx(np.ones(len(tokens)), abs=1e-3)
     assert all(0.0 <= b <= 1.0 for b in attention["betas"])
+
+
+def test_page_gets_the_figures_colour_ramp(client):
+    from captioner.visualize import DEFAULT_OPACITY, attention_colours
+
+    style = client.get("/attention-style.json").json()
+    assert np.array_equal(np.asarray(style["colours"]), attention_colours())
+    assert style["opacity"] == DEFAULT_OPACITY
 
 
 def test_seeded_sampling_is_reproducible(client, photo):

@@ -8,7 +8,7 @@ from captioner import lm
 from captioner.checkpoint import load_checkpoint
 from captioner.coco import load_caption_texts
 from captioner.model import AttentionDecoder
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_lm_pretraining_lowers_perplexity_on_held_out_caption_text(coco_mini, tmp_path):
@@ -130,11 +130,11 @@ def test_checkpoint_averaging_is_the_elementwise_mean_and_refuses_other_models(t
 
 def test_training_keeps_the_n_best_epochs_and_validates_their_average(tmp_path, coco_mini):
     from captioner import train
-    from tests.test_train import _args, _rows
+    from tests.helpers import metrics_rows, train_args
 
     out = tmp_path / "run"
-    train.main(_args(tmp_path, coco_mini, out, epochs=4, average_best=2, lr=1e-2))
-    rows = _rows(out)
+    train.main(train_args(tmp_path, coco_mini, out, epochs=4, average_best=2, lr=1e-2))
+    rows = metrics_rows(out)
     ranked = sorted(rows, key=lambda r: (-r["CIDEr"], r["epoch"]))[:2]
     kept = sorted((out / "top-epochs").iterdir())
     assert [p.name for p in kept] == [f"epoch-{r['epoch']:03d}.pt" for r in sorted(ranked, key=lambda r: r["epoch"])]

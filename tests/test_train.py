@@ -1,6 +1,7 @@
-import json
+import argparse
 import math
 
+import pytest
 import torch
 
 from captioner import train
@@ -11,8 +12,7 @@ from captioner.encoder import Encoder
 from captioner.images import open_image
 from captioner.model import AttentionDecoder, caption_loss
 from captioner.vocab import Vocabulary
-from tests.conftest import tiny_config
-from tests.helpers import write_coco_subset
+from tests.helpers import metrics_rows, save_tiny_checkpoint, tiny_config, train_args
 
 
 def test_tiny_model_memorises_real_coco_captions(train_records):
@@ -28,8 +28,8 @@ def test_tiny_model_memorises_real_coco_captions(train_records):
     optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     batch = collate_captions([(f, torch.tensor(vocab.encode(c))) for f, c in zip(features, captions, strict=True)])
     for _ in range(300):
-        logits, alphas = decoder(*batch)
-        loss, ce = caption_loss(logits, batch[1], alphas, attention_reg=0.0)
+        out = decoder(*batch)
+        loss, ce = caption_loss(out.logits, batch[1], out.alphas, attention_reg=0.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -39,33 +39,10 @@ def test_tiny_model_memorises_real_coco_captions(train_records):
                                                             for c in captions]
 
 
-def _args(tmp_path, coco_mini, out, epochs, **overrides):
-    data = tmp_path / "data"
-    if not data.exists():
-        write_coco_subset(coco_mini, "train", 8, data, corrupt=1)
-        write_coco_subset(coco_mini, "val", 3, data)
-    argv = [
-        "--train-images", str(data / "train"), "--train-captions", str(data / "captions_train.json"),
-        "--val-images", str(data / "val"), "--val-captions", str(data / "captions_val.json"),
-        "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
-        "--random-encoder", "--image-size", "64", "--min-word-count", "1",
-        "--embed-dim", "16", "--hidden-dim", "32", "--attention-dim", "16", "--dropout", "0.3",
-        "--batch-size", "8", "--epochs", str(epochs), "--lr", "3e-3", "--no-progress", "--patience", "100",
-        "--device", "cpu",
-    ]
-    args = train.get_args_parser().parse_args(argv)
-    vars(args).update(overrides)
-    return args
-
-
-def _rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_training_run_logs_perplexity_skips_corrupt_images_and_saves(tmp_path, coco_mini, caplog):
     out = tmp_path / "run"
-    train.main(_args(tmp_path, coco_mini, out, epochs=3))
-    rows = _rows(out)
+    train.main(train_args(tmp_path, coco_mini, out, epochs=3))
+    rows = metrics_rows(out)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert math.isclose(r["train_perplexity"], math.exp(r["train_cross_entropy"]), rel_tol=1e-9)
@@ -81,32 +58,55 @@ def test_training_run_logs_perplexity_skips_corrupt_images_and_saves(tmp_path, c
 
 def test_resume_continues_on_the_same_trajectory(tmp_path, coco_mini):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    train.main(_args(tmp_path, coco_mini, straight, epochs=3))
-    train.main(_args(tmp_path, coco_mini, interrupted, epochs=2))  # "killed" after epoch 2
-    train.main(_args(tmp_path, coco_mini, interrupted, epochs=3, resume=True))
+    train.main(train_args(tmp_path, coco_mini, straight, epochs=3))
+    train.main(train_args(tmp_path, coco_mini, interrupted, epochs=2))  # "killed" after epoch 2
+    train.main(train_args(tmp_path, coco_mini, interrupted, epochs=3, resume=True))
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
     for (name, x), (_, y) in zip(a.decoder.state_dict().items(), b.decoder.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(straight)]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(interrupted)]
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in metrics_rows(straight)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in metrics_rows(interrupted)]
 
 
-def test_resume_refuses_a_different_encoder(tmp_path, coco_mini):
-    out = tmp_path / "run"
-    train.main(_args(tmp_path, coco_mini, out, epochs=1))
-    import pytest
-
+def test_resume_refuses_a_different_encoder(tmp_path, coco_mini, vocab):
     from captioner.checkpoint import CheckpointError
 
+    out = tmp_path / "run"
+    out.mkdir()
+    save_tiny_checkpoint(out / "last.pt", vocab, "efficientnet-lite0", image_size=64)  # as a lite0 run leaves it
     with pytest.raises(CheckpointError, match="efficientnet-lite0"):
-        train.main(_args(tmp_path, coco_mini, out, epochs=2, resume=True, encoder="efficientnet-lite2"))
+        train.main(train_args(tmp_path, coco_mini, out, epochs=2, resume=True, encoder="efficientnet-lite2"))
+
+
+def test_training_step_clips_the_global_gradient_norm(vocab):
+    """train_one_epoch's own clipping: with plain SGD (lr 1) the update *is* the clipped gradient, so its global
+    L2 norm over all parameters must be at most --grad-clip, while the unclipped gradient is far larger."""
+    features, captions = torch.randn(4, 10, 16) * 100, torch.randint(4, len(vocab), (4, 7))
+    captions[:, 0] = vocab.start_id
+    loader = [(features, captions)]
+
+    def update_norm(grad_clip: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        decoder = AttentionDecoder(tiny_config(len(vocab)))
+        before = [p.detach().clone() for p in decoder.parameters()]
+        optimizer = torch.optim.SGD(decoder.parameters(), lr=1.0)
+        args = argparse.Namespace(no_progress=True, attention_reg=1.0, label_smoothing=0.0, grad_clip=grad_clip)
+        row = train.train_one_epoch(train.CaptionModel(decoder), loader, optimizer, args, epoch=1)
+        step = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach() - b)
+                                                     for p, b in zip(decoder.parameters(), before, strict=True)]))
+        return float(step), row["max_grad_norm_before_clip"]
+
+    clipped, norm_before = update_norm(grad_clip=0.5)
+    unclipped, _ = update_norm(grad_clip=1e9)
+    assert norm_before > 5 and unclipped == pytest.approx(norm_before, rel=1e-3)
+    assert clipped == pytest.approx(0.5, rel=1e-3)  # scaled down to the bound, not zeroed or skipped
 
 
 def test_fine_tuning_the_encoder_bypasses_the_cache_and_ships_its_weights(tmp_path, coco_mini):
     from captioner.api import load_captioner
 
     out = tmp_path / "tuned"
-    train.main(_args(tmp_path, coco_mini, out, epochs=1, fine_tune_blocks=1, encoder_lr=1e-2))
+    train.main(train_args(tmp_path, coco_mini, out, epochs=1, fine_tune_blocks=1, encoder_lr=1e-2))
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt.encoder_state is not None
     torch.manual_seed(0)  # what train.main seeds before it builds the encoder

@@ -9,8 +9,7 @@ from captioner import train
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.encoder import get_backbone
 from captioner.model import AttentionDecoder, CaptionerConfig, hard_attention_loss, hard_context
-from tests.conftest import tiny_config
-from tests.test_train import _args, _rows
+from tests.helpers import metrics_rows, tiny_config, train_args
 
 
 def test_hard_attention_selects_exactly_one_location_per_sampled_row():
@@ -41,14 +40,14 @@ def test_hard_attention_decoder_samples_in_training_and_is_deterministic_in_eval
     features = torch.randn(64, 9, 16)
     captions = torch.randint(4, 40, (64, 6))
     captions[:, 0] = 1
-    _, alphas, locations = decoder.train()(features, captions, return_locations=True)
+    locations = decoder.train()(features, captions).locations
     assert ((locations >= -1) & (locations < 9)).all() and (locations == -1).any() and (locations >= 0).any()
     decoder.eval()
-    first = decoder(features, captions, return_locations=True)
-    second = decoder(features, captions, return_locations=True)
+    first = decoder(features, captions)
+    second = decoder(features, captions)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
-    torch.testing.assert_close(first[2], first[1].argmax(-1))  # the argmax of the alpha that step returns
+    torch.testing.assert_close(first.locations, first.alphas.argmax(-1))  # the argmax of the alpha that step returns
 
 
 def _peaked_alphas(b=2, t=3, l=4):
@@ -90,8 +89,8 @@ def test_entropy_bonus_pushes_alpha_towards_spreading_out():
 def test_hard_attention_and_gru_train_without_nans_and_resume_exactly(tmp_path, coco_mini):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     variant = dict(attention="hard", cell="gru")
-    train.main(_args(tmp_path, coco_mini, straight, epochs=3, **variant))
-    rows = _rows(straight)
+    train.main(train_args(tmp_path, coco_mini, straight, epochs=3, **variant))
+    rows = metrics_rows(straight)
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_perplexity"]) for r in rows)
     assert rows[-1]["train_cross_entropy"] < rows[0]["train_cross_entropy"]
     decoder = load_checkpoint(straight / "last.pt").decoder
@@ -99,8 +98,8 @@ def test_hard_attention_and_gru_train_without_nans_and_resume_exactly(tmp_path, 
     assert decoder.config.attention == "hard" and decoder.config.cell == "gru"
     assert int(decoder.reinforce_updates) == 3 * 5  # one update per batch: 35 captions in batches of 8
     assert float(decoder.reinforce_baseline) < 0  # a moving average of log-likelihoods
-    train.main(_args(tmp_path, coco_mini, interrupted, epochs=2, **variant))
-    train.main(_args(tmp_path, coco_mini, interrupted, epochs=3, resume=True, **variant))
+    train.main(train_args(tmp_path, coco_mini, interrupted, epochs=2, **variant))
+    train.main(train_args(tmp_path, coco_mini, interrupted, epochs=3, resume=True, **variant))
     b = load_checkpoint(interrupted / "last.pt").decoder
     for (name, x), (_, y) in zip(decoder.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
@@ -111,7 +110,7 @@ def test_gru_decoder_has_no_memory_cell_and_its_step_matches_forward():
     decoder = AttentionDecoder(tiny_config(30, cell="gru", num_layers=2)).eval()
     assert all(isinstance(c, torch.nn.GRUCell) for c in decoder.cells) and not hasattr(decoder, "init_c")
     features, captions = torch.randn(3, 5, 16), torch.randint(4, 30, (3, 5))
-    logits, alphas = decoder(features, captions)
+    logits, alphas, _ = decoder(features, captions)
     state = decoder.init_state(features)
     for t in range(4):
         step_logits, alpha, state = decoder.step(state, captions[:, t])

@@ -127,7 +127,8 @@ def test_unknown_extension_is_refused(tmp_path, photo, result):
 def test_payload_is_json_ready(result):
     best = result.candidates[0]
     payload = json.loads(json.dumps(attention_payload(best.words, best.alphas, best.betas, result.grid)))
-    assert payload["tokens"] == best.words and payload["grid"] == list(result.grid)
+    assert payload["tokens"] == best.words
+    assert (payload["grid"]["height"], payload["grid"]["width"]) == result.grid
     assert np.asarray(payload["alphas"]).shape == (len(best.words), *result.grid)
     assert len(payload["betas"]) == len(best.words)
 
@@ -161,7 +162,8 @@ def test_cli_bad_path_is_reported_and_good_images_still_rendered(tmp_path, lite0
     data = json.loads((out / f"{photo_path.stem}.json").read_text())
     assert set(data) == {"image", "caption", "tokens", "alphas", "betas", "grid"}
     alphas = np.asarray(data["alphas"])
-    assert alphas.shape == (len(data["tokens"]), *data["grid"]) and len(data["betas"]) == len(data["tokens"])
+    grid = (data["grid"]["height"], data["grid"]["width"])
+    assert alphas.shape == (len(data["tokens"]), *grid) and len(data["betas"]) == len(data["tokens"])
     np.testing.assert_allclose(alphas.sum(axis=(1, 2)), 1.0, atol=1e-3)
     assert data["tokens"][-1] == "<end>" and data["caption"] in captured.out
 

@@ -8,6 +8,7 @@ const page = {
   result: null, // the last CaptionResponse
   word: 0, // index of the word whose attention map is shown
   photoUrl: null, // object URL of the uploaded file (revoked on the next upload)
+  style: null, // {colours, opacity}: the figures' colour lookup table and blend, from /attention-style.json
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -149,13 +150,14 @@ function showWord(index) {
   const beta = attention.betas[page.word];
   $("#word-info").textContent =
     `${page.word + 1}/${attention.tokens.length} “${attention.tokens[page.word]}” · gate β ${beta.toFixed(2)}`;
-  drawHeatmap(attention.weights[page.word], attention.grid);
+  drawHeatmap(attention.alphas[page.word], attention.grid);
 }
 
-// The grid's weights go onto a canvas of grid size (one pixel per location), which is then drawn scaled up to the
-// image with smoothing on: the browser's bilinear upsampling, as in the paper's figures. The model sees the
-// whole image squashed to a square, so the grid spans the whole image whatever its aspect ratio.
-function drawHeatmap(weights, grid) {
+// Attention maps are drawn as captioner.visualize draws its figures: the map (h x w) upsampled bilinearly onto the
+// whole displayed photo (the model saw the whole photo squashed to a square, so the grid spans it whatever its
+// aspect ratio), scaled by its own peak, coloured through the figures' lookup table and blended at their
+// opacity. The table and the opacity come from the server (/attention-style.json), so there is one ramp.
+function drawHeatmap(alphas, grid) {
   const photo = $("#photo");
   const canvas = $("#heatmap");
   const scale = window.devicePixelRatio || 1;
@@ -165,42 +167,59 @@ function drawHeatmap(weights, grid) {
   canvas.style.height = `${photo.clientHeight}px`;
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
-  if (!$("#show-heatmap").checked) return;
+  if (!$("#show-heatmap").checked || !page.style || canvas.width === 0 || canvas.height === 0) return;
 
-  const small = document.createElement("canvas");
-  small.width = grid.width;
-  small.height = grid.height;
-  const cells = small.getContext("2d").createImageData(grid.width, grid.height);
-  const peak = Math.max(...weights) || 1;
-  weights.forEach((w, i) => {
-    const [r, g, b] = heatColor(w / peak);
-    cells.data.set([r, g, b, Math.round(255 * (0.2 + 0.45 * (w / peak)))], i * 4);
-  });
-  small.getContext("2d").putImageData(cells, 0, 0);
-
-  ctx.imageSmoothingEnabled = true;
-  ctx.imageSmoothingQuality = "high";
-  ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
+  const heat = upsample(alphas, grid, canvas.width, canvas.height);
+  let peak = 0;
+  for (const v of heat) peak = Math.max(peak, v);
+  const { colours, opacity } = page.style;
+  const levels = colours.length;
+  const pixels = ctx.createImageData(canvas.width, canvas.height);
+  const alpha = Math.round(255 * opacity);
+  for (let i = 0; i < heat.length; i++) {
+    const x = peak > 0 ? heat[i] / peak : 0;
+    const [r, g, b] = colours[Math.min(Math.floor(x * levels), levels - 1)];
+    pixels.data.set([r, g, b, alpha], i * 4);
+  }
+  ctx.putImageData(pixels, 0, 0);
 }
 
-// 0 -> dark blue, 0.5 -> red, 1 -> pale yellow (an "inferno"-like ramp, readable over photos).
-function heatColor(x) {
-  const stops = [
-    [0.0, [20, 20, 90]],
-    [0.35, [120, 30, 140]],
-    [0.6, [220, 60, 60]],
-    [0.85, [250, 160, 30]],
-    [1.0, [255, 250, 180]],
-  ];
-  for (let i = 1; i < stops.length; i++) {
-    const [x1, c1] = stops[i];
-    const [x0, c0] = stops[i - 1];
-    if (x <= x1) {
-      const f = (x - x0) / (x1 - x0);
-      return c0.map((c, k) => Math.round(c + f * (c1[k] - c)));
+// alphas (h x w nested arrays) -> Float32Array of height * width, row-major: bilinear with half-pixel centres,
+// the numbers of captioner.visualize.upsample_attention (PyTorch's interpolate, align_corners=False).
+function upsample(alphas, grid, width, height) {
+  const out = new Float32Array(width * height);
+  const axis = (size, cells) => {
+    const scale = cells / size;
+    return Array.from({ length: size }, (_, i) => {
+      const src = Math.max((i + 0.5) * scale - 0.5, 0);
+      const lo = Math.min(Math.floor(src), cells - 1);
+      return [lo, Math.min(lo + 1, cells - 1), src - lo];
+    });
+  };
+  const rows = axis(height, grid.height);
+  const cols = axis(width, grid.width);
+  for (let y = 0; y < height; y++) {
+    const [r0, r1, fy] = rows[y];
+    for (let x = 0; x < width; x++) {
+      const [c0, c1, fx] = cols[x];
+      const top = alphas[r0][c0] * (1 - fx) + alphas[r0][c1] * fx;
+      const bottom = alphas[r1][c0] * (1 - fx) + alphas[r1][c1] * fx;
+      out[y * width + x] = Math.max(top * (1 - fy) + bottom * fy, 0);
     }
   }
-  return stops[stops.length - 1][1];
+  return out;
+}
+
+async function loadAttentionStyle() {
+  const response = await fetch("/attention-style.json");
+  page.style = await response.json();
+  const { colours } = page.style;
+  const stops = [0, 0.25, 0.5, 0.75, 1].map((x) => {
+    const [r, g, b] = colours[Math.min(Math.floor(x * colours.length), colours.length - 1)];
+    return `rgb(${r}, ${g}, ${b}) ${x * 100}%`;
+  });
+  $(".ramp").style.background = `linear-gradient(90deg, ${stops.join(", ")})`;
+  if (page.result) showWord(page.word);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -240,6 +259,9 @@ function setUp() {
   $("#api-key").addEventListener("input", rememberApiKey);
   window.addEventListener("resize", () => showWord(page.word));
 
+  loadAttentionStyle().catch(() => {
+    $("#model-info").textContent = "attention colours not available";
+  });
   fetch("/readyz")
     .then((response) => response.json())
     .then((body) => {
