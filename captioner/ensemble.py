@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import AttentionDecoder, CaptionerConfig, DecoderState
+from .model import AttentionDecoder, CaptionerConfig, DecoderOutput, DecoderState
 
 
 @dataclass
@@ -73,9 +73,11 @@ class EnsembleDecoder(nn.Module):
             states.append(new_state)
         return torch.stack(log_probs).mean(dim=0), torch.stack(alphas).mean(dim=0), EnsembleState(states)
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
         """Teacher-forced, for perplexity: features (B, L, D), captions (B, T+1) -> mean log-probabilities
-        (B, T, V) and mean alphas (B, T, L), the same combination as `step`."""
+        (B, T, V) as logits and mean alphas (B, T, L), the same combination as `step`; the first member's
+        locations (hard attention only)."""
         outputs = [member(features, captions) for member in self.members]
-        log_probs = torch.stack([F.log_softmax(out[0].float(), dim=-1) for out in outputs]).mean(dim=0)
-        return log_probs, torch.stack([out[1] for out in outputs]).mean(dim=0)
+        log_probs = torch.stack([F.log_softmax(out.logits.float(), dim=-1) for out in outputs]).mean(dim=0)
+        alphas = torch.stack([out.alphas for out in outputs]).mean(dim=0)
+        return DecoderOutput(log_probs, alphas, outputs[0].locations)

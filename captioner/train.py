@@ -494,6 +494,8 @@ def load_starting_point(args: argparse.Namespace, encoder: Encoder) -> StartingP
     for source, ckpt in ((last_path, resume), (args.init_from, init)):
         if ckpt is not None and ckpt.encoder_name != encoder.name:
             raise CheckpointError(f"{source} was trained with {ckpt.encoder_name}, not --encoder {encoder.name}")
+        if ckpt is not None and ckpt.is_ensemble:
+            raise CheckpointError(f"{source} is an ensemble: train from one of its members' checkpoints instead")
     return StartingPoint(resume, init)
 
 

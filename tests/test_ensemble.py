@@ -145,3 +145,13 @@ def test_the_int8_cpu_decoder_quantizes_every_member(member, other_member, shipp
         assert not isinstance(m.out_vocab, torch.nn.Linear) and not isinstance(m.cells[0], torch.nn.LSTMCell)
     for hyps in generate(quantized, features, shipped.vocab, DecodingOptions(method="beam", beam_size=2)):
         assert hyps[0].tokens[-1] == shipped.vocab.end_id
+
+
+@torch.no_grad()
+def test_teacher_forced_perplexity_of_an_ensemble_of_one_is_its_members(member, shipped, features):
+    from captioner.evaluate import reference_cross_entropy
+
+    references = [["a man riding a horse on a beach", "two dogs play in the snow"]] * features.size(0)
+    alone = reference_cross_entropy(member, features, references, shipped.vocab)
+    ensemble = reference_cross_entropy(EnsembleDecoder([member]).eval(), features, references, shipped.vocab)
+    assert ensemble[1] == alone[1] and ensemble[0] == pytest.approx(alone[0], abs=1e-4)

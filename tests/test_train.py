@@ -78,6 +78,19 @@ def test_resume_refuses_a_different_encoder(tmp_path, coco_mini, vocab):
         train.main(train_args(tmp_path, coco_mini, out, epochs=2, resume=True, encoder="efficientnet-lite2"))
 
 
+def test_init_from_refuses_an_ensemble(tmp_path, coco_mini, vocab):
+    from captioner.checkpoint import CheckpointError, ensemble_checkpoints, save_checkpoint
+
+    members = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for seed, path in enumerate(members):
+        save_tiny_checkpoint(path, vocab, "efficientnet-lite0", image_size=64, seed=seed)
+    ensemble = ensemble_checkpoints(members)
+    save_checkpoint(tmp_path / "ens.pt", ensemble.decoder, vocab, "efficientnet-lite0", ensemble.preprocessing)
+    with pytest.raises(CheckpointError, match="is an ensemble"):
+        train.main(train_args(tmp_path, coco_mini, tmp_path / "run", epochs=1, init_from=tmp_path / "ens.pt",
+                              encoder="efficientnet-lite0"))
+
+
 def test_training_step_clips_the_global_gradient_norm(vocab):
     """train_one_epoch's own clipping: with plain SGD (lr 1) the update *is* the clipped gradient, so its global
     L2 norm over all parameters must be at most --grad-clip, while the unclipped gradient is far larger."""
