@@ -42,7 +42,9 @@ class NotRunning(RuntimeError):
 
 
 @dataclass
-class Done(Generic[R]):
+class BatchResult(Generic[R]):
+    """What a submitted item came back with: its result and how its batch ran."""
+
     value: R
     batch_size: int  # requests that went through the model together
     queued_s: float  # from submit to the start of its batch
@@ -135,19 +137,19 @@ class MicroBatcher(Generic[T, R]):
             self._arriving -= 1
             self._wake.set()
 
-    def enqueue(self, item: T) -> asyncio.Future[Done[R]]:
+    def enqueue(self, item: T) -> asyncio.Future[BatchResult[R]]:
         """Queue one item; the future gets its result. Cancelling the future (a timeout) drops it from its batch.
         Synchronous on purpose: called inside `arriving()`, the item is queued before the arrival ends."""
         if not self.running:
             raise NotRunning("the model worker is not running")
         if len(self._waiting) >= self.max_queue:
             raise Overloaded(f"{self.max_queue} requests are already waiting for the model")
-        future: asyncio.Future[Done[R]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[BatchResult[R]] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Pending(item, future, time.perf_counter()))
         self._wake.set()
         return future
 
-    async def submit(self, item: T) -> Done[R]:
+    async def submit(self, item: T) -> BatchResult[R]:
         return await self.enqueue(item)
 
     async def _collect(self) -> list[_Pending[T, R]]:
@@ -191,7 +193,7 @@ class MicroBatcher(Generic[T, R]):
                 if isinstance(outcome, BaseException):
                     pending.future.set_exception(outcome)
                 else:
-                    done = Done(outcome, len(batch), started - pending.enqueued, elapsed)
+                    done = BatchResult(outcome, len(batch), started - pending.enqueued, elapsed)
                     pending.future.set_result(done)
 
 

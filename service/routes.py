@@ -21,7 +21,7 @@ from captioner.images import ImageError
 from captioner.visualize import attention_style
 
 from .auth import API_KEY
-from .batching import CaptionJob, Done, MicroBatcher, NotRunning, Overloaded
+from .batching import BatchResult, CaptionJob, MicroBatcher, NotRunning, Overloaded
 from .dependencies import BatcherDep, CaptionerDep, RunningBatcherDep, SettingsDep
 from .errors import ERROR_RESPONSES, IMAGE_ERRORS, ApiError
 from .schemas import (
@@ -110,7 +110,7 @@ def _enqueue(batcher: MicroBatcher, job: CaptionJob) -> asyncio.Future:
         raise ApiError(503, "not_ready", str(exc)) from None
 
 
-async def _wait_for_result(future: asyncio.Future, timeout_s: float) -> Done:
+async def _wait_for_result(future: asyncio.Future, timeout_s: float) -> BatchResult:
     try:
         return await asyncio.wait_for(future, timeout_s)
     except NotRunning as exc:
@@ -119,7 +119,7 @@ async def _wait_for_result(future: asyncio.Future, timeout_s: float) -> Done:
         raise ApiError(503, "timeout", f"no result within {timeout_s} s", headers={"Retry-After": "5"}) from None
 
 
-def _caption_response(done: Done, options: DecodingOptions, captioner: Captioner, timing: TimingOut,
+def _caption_response(done: BatchResult, options: DecodingOptions, captioner: Captioner, timing: TimingOut,
                       with_attention: bool) -> JSONResponse:
     result = done.value
     response = CaptionResponse(
