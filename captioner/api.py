@@ -51,8 +51,9 @@ class Captioner:
 
     `engine` runs the encoder ("auto": ONNX Runtime on CPU when installed, else eager torch; see
     captioner/engine.py). With the onnx engine the decoder used for generation is, unless `quantize_decoder=False`,
-    an int8 dynamically quantised copy (within 0.01 CIDEr of fp32, docs/performance.md) that decodes on one
-    thread; `self.decoder` stays the fp32 model either way (perplexity, training tools)."""
+    an int8 dynamically quantised copy (within 0.01 CIDEr of fp32, docs/performance.md) that decodes one image
+    at a time (`decoder_threads` can pin its thread count); `self.decoder` stays the fp32 model either way
+    (perplexity, training tools)."""
 
     def __init__(
         self,

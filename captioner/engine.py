@@ -212,7 +212,6 @@ def _intact_sidecar(files: GraphFiles) -> dict | None:
 def export_encoder(encoder: Encoder, files: GraphFiles, tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """Export `encoder` to ONNX, check it against torch on a probe batch, then move it into the cache atomically.
     Returns the sidecar's content. Raises EngineError when the export fails or differs beyond `tolerance`."""
-    import onnxruntime as ort
 
     encoder = encoder.eval()
     size = encoder.preprocessing.image_size
@@ -234,20 +233,21 @@ def export_encoder(encoder: Encoder, files: GraphFiles, tolerance: float = DEFAU
                 )
         except Exception as exc:  # e.g. the `onnx` package missing, an operator without an ONNX equivalent
             raise EngineError(f"exporting {encoder.name} to ONNX failed: {type(exc).__name__}: {exc}") from exc
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
-        (got,) = session.run(None, {"images": probe.numpy()})
+        # Checked through the session inference will use (same options), in one pass of two images so that the
+        # dynamic batch axis is exercised.
+        engine = OnnxEncoderEngine(tmp, encoder.grid_size())
+        engine.max_batch = len(probe)
+        got = engine(probe)
         with torch.no_grad():
             expected = encoder(probe)
-        diff = float((torch.from_numpy(got) - expected).abs().max())
+        diff = float((got - expected).abs().max())
         scale = max(1.0, float(expected.abs().max()))
         print(f"captioner: exported {encoder.name} at {size} px to ONNX: max abs difference to torch {diff:.2e} "
               f"(tolerance {tolerance * scale:.1e})", file=sys.stderr)
         if not np.isfinite(diff) or diff > tolerance * scale:
             raise EngineError(f"the ONNX graph of {encoder.name} differs from torch by {diff:.2e} "
                               f"(> {tolerance * scale:.1e}): refused")
-        del session
+        del engine
         with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
             os.fsync(f.fileno())
         meta = {
