@@ -131,7 +131,7 @@ def make_big_jpeg(source: Path, folder: Path, megapixels: float = 12.0) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=REPO / "data" / "captioner-default.pt")
+    p.add_argument("--checkpoint", type=Path, default=REPO / "captioner" / "weights" / "captioner-default.pt")
     p.add_argument("--images", type=Path, default=COCO_VAL)
     p.add_argument("--old-main", type=Path, default=None, help="checkout of the commit to compare with")
     p.add_argument("--repeats", type=int, default=5)

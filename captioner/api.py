@@ -15,8 +15,9 @@ from PIL import Image
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_digest, load_checkpoint
 from .decoding import DecodingOptions, Hypothesis, generate
 from .encoder import Encoder, prepare_cpu_inference
-from .engine import make_encoder_engine, quantize_decoder_for_cpu
+from .engine import make_encoder_engine
 from .images import DEFAULT_MAX_PIXELS, open_image
+from .int8_decoder import quantize_decoder_for_cpu
 from .options import recommended_options
 
 
@@ -51,8 +52,8 @@ class Captioner:
 
     `engine` runs the encoder ("auto": ONNX Runtime on CPU when installed, else eager torch; see
     captioner/engine.py). With the onnx engine the decoder used for generation is, unless `quantize_decoder=False`,
-    an int8 dynamically quantised copy (within 0.01 CIDEr of fp32, docs/performance.md) that decodes one image
-    at a time (`decoder_threads` can pin its thread count); `self.decoder` stays the fp32 model either way
+    an int8 copy (captioner/int8_decoder.py; within 0.01 CIDEr of fp32, docs/performance.md) that decodes one
+    image at a time (`decoder_threads` can pin its thread count); `self.decoder` stays the fp32 model either way
     (perplexity, training tools)."""
 
     def __init__(

@@ -56,8 +56,6 @@ def generate(
         if options.method == "beam":
             return beam_search(decoder, features, vocab, options)
         repeats = options.num_captions if options.method == "sample" else 1
-        if repeats > 1:
-            features = features.repeat_interleave(repeats, dim=0)
         if options.method == "sample" and options.temperature > 0:
             generator = torch.Generator(device=features.device)
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
@@ -69,7 +67,8 @@ def generate(
             def choose(logits: torch.Tensor) -> torch.Tensor:
                 return logits.argmax(dim=-1)
 
-        flat = _decode_stepwise(decoder, features, vocab, options.max_length, choose, options.no_repeat_ngram_size)
+        flat = _decode_stepwise(decoder, features, repeats, vocab, options.max_length, choose,
+                                options.no_repeat_ngram_size)
         per_image = [flat[i : i + repeats] for i in range(0, len(flat), repeats)]
         return [sorted(hyps, key=lambda h: h.log_prob, reverse=True) for hyps in per_image]
 
@@ -117,10 +116,11 @@ def sample_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _decode_stepwise(decoder, features, vocab, max_length, choose, no_repeat_ngram_size=0) -> list[Hypothesis]:
-    """One token per step for every row (greedy and sampling). features (N, L, D) -> N hypotheses."""
-    n = features.size(0)
-    state: DecoderState = decoder.init_state(features)
+def _decode_stepwise(decoder, features, repeats, vocab, max_length, choose, no_repeat_ngram_size=0) -> list[Hypothesis]:
+    """One token per step for every row (greedy and sampling). features (B, L, D) -> N = B * repeats hypotheses,
+    each image's `repeats` rows together."""
+    state: DecoderState = _initial_rows(decoder, features, repeats)
+    n = features.size(0) * repeats
     tokens = torch.full((n,), vocab.start_id, dtype=torch.long, device=features.device)
     done = torch.zeros(n, dtype=torch.bool, device=features.device)
     steps_tokens, steps_logp, steps_alpha, steps_beta = [], [], [], []
@@ -156,6 +156,15 @@ def _decode_stepwise(decoder, features, vocab, max_length, choose, no_repeat_ngr
             )
         )
     return hyps
+
+
+def _initial_rows(decoder: StepDecoder, features: torch.Tensor, repeats: int) -> DecoderState:
+    """The initial state of every image (B, L, D), each repeated `repeats` times in a row (N = B * repeats rows:
+    beams or samples). Computed once per image, then copied: the image's W_a a_i is decoding's largest product."""
+    state = decoder.init_state(features)
+    if repeats == 1:
+        return state
+    return state.select(torch.arange(features.size(0), device=features.device).repeat_interleave(repeats))
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, histories: list[list[int]], n: int) -> None:
@@ -200,7 +209,7 @@ def beam_search(
     """
     b, k = features.size(0), options.beam_size
     device = features.device
-    state = decoder.init_state(features.repeat_interleave(k, dim=0))
+    state = _initial_rows(decoder, features, k)
     tokens = torch.full((b * k,), vocab.start_id, dtype=torch.long, device=device)
     scores = torch.zeros(b, k, device=device)  # cumulative log p of the alive beams
     scores[:, 1:] = float("-inf")  # all beams start identical: keep only the first alive

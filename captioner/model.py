@@ -212,24 +212,10 @@ class AttentionDecoder(nn.Module):
             h=h,
             c=c,
             features=features,
-            projected_features=self._project_features(features),
+            projected_features=self.attention.feature_proj(features),  # W_a a_i (B, L, A), once per image
             beta=features.new_ones(b, 1),
             location=torch.full((b,), -1, dtype=torch.long, device=features.device),
         )
-
-    def _project_features(self, features: torch.Tensor) -> torch.Tensor:
-        """W_a a_i for every row: (B, L, D) -> (B, L, A), the largest matrix product of decoding (L x D x A per row).
-        Beam search and sampling repeat each image K times before `init_state`; at inference the projection is
-        computed once per run of identical consecutive rows and shared (comparing rows costs far less)."""
-        proj = self.attention.feature_proj
-        if torch.is_grad_enabled() or features.size(0) == 1:
-            return proj(features)
-        new_image = torch.ones(features.size(0), dtype=torch.bool, device=features.device)
-        new_image[1:] = (features[1:] != features[:-1]).flatten(1).any(dim=1)
-        if bool(new_image.all()):
-            return proj(features)
-        image_of_row = new_image.cumsum(0) - 1  # (B,) index into the distinct images
-        return proj(features[new_image]).index_select(0, image_of_row)
 
     def step(self, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DecoderState]:
         """tokens (B,) = previous words -> logits (B, V) for the next word, alpha (B, L), new state."""
