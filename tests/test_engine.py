@@ -76,6 +76,19 @@ def test_onnx_encoder_matches_torch_on_real_photos(lite0, coco_mini, tmp_path):
     assert meta["max_abs_diff"] < 1e-3 and meta["backbone"] == "efficientnet-lite0" and meta["image_size"] == 448
 
 
+def test_onnx_engine_encodes_a_batch_in_one_run_and_alike(lite0, coco_mini, tmp_path, monkeypatch):
+    engine = load_onnx_encoder(lite0, tmp_path)
+    names = sorted(p.name for p in (coco_mini / "val").glob("*.jpg"))[:5]
+    pixels = _pixels(lite0, coco_mini, names)
+    singles = torch.cat([engine(pixels[i : i + 1]) for i in range(len(names))])
+    runs = []
+    real_run = engine.session.run
+    monkeypatch.setattr(engine.session, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k), raising=False)
+    together = engine(pixels)
+    assert len(runs) == 1 and engine.max_batch >= len(names)
+    assert (together - singles).abs().max() < 1e-4 * singles.abs().max()  # batch-mates do not change a feature
+
+
 def test_export_is_cached_and_reused(small_encoder, tmp_path, monkeypatch):
     first = load_onnx_encoder(small_encoder, tmp_path)
     files = GraphFiles.for_encoder(small_encoder, tmp_path)
@@ -348,8 +361,11 @@ def test_service_answers_on_the_onnx_engine(lite0_checkpoint, coco_mini):
     with running_server(Settings(checkpoint=lite0_checkpoint, engine="onnx", max_length=12)) as url:
         response = httpx.post(f"{url}/v1/captions", files={"image": ("p.jpg", photo.read_bytes(), "image/jpeg")},
                               timeout=60)
+        stats = httpx.get(f"{url}/v1/stats", timeout=10).json()
     assert response.status_code == 200, response.text
     assert response.json()["caption"] == expected
+    assert stats["encoder_batch"] == stats["max_batch"]  # ONNX Runtime takes the whole micro-batch in one run
+    assert Settings(engine="torch").resolved_encoder_batch("torch") == 1  # eager torch on CPU: one image a pass
 
 
 def test_a_caption_does_not_depend_on_its_batch_mates(shipped_fast, coco_mini):
