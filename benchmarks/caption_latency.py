@@ -8,7 +8,7 @@ takes the workers in turn, one round each, so a busy machine slows them all alik
 Pipelines: "old torch" (the old checkout, eager PyTorch), "torch" (this code, `engine="torch"`: eager fp32) and
 "default" (this code, `engine="auto"`: ONNX Runtime encoder + int8 decoder). Stages, in ms per image:
 decode+resize (open the JPEG, preprocess to the input tensor), encoder, decoder; at batch 1 and 16, for greedy,
-the default decoding (beam 2, length penalty 0.5, no repeated bigram) and beam 3. Then a 12-megapixel JPEG (a
+the default decoding (`RECOMMENDED`) and beam 3. Then a 12-megapixel JPEG (a
 coco-mini photo upscaled, written to a temporary folder) against the same photo at 640 px, and the encoder at
 batch 16 as one ONNX Runtime pass against 16 single passes (the service's choice).
 """

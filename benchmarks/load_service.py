@@ -243,7 +243,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="max_batch of the micro-batching run")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"],
-                   help="beam: the service's default decoding (beam 2, length penalty 0.5, no repeated bigram)")
+                   help="beam: the service's default decoding (captioner.options.RECOMMENDED)")
     p.add_argument("--engine", default=None, choices=["auto", "onnx", "torch"], help="default: the server's (auto)")
     p.add_argument("--encoder-batch", type=int, default=None, help="images per CNN pass (default: the server's)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per server (default: one a core)")

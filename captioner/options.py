@@ -70,11 +70,21 @@ class DecodingOptions:
         return DecodingOptions(**merged)
 
 
-# What users get when they ask for nothing in particular (CLI, service, `Captioner.caption`), chosen on coco-mini
-# val with the shipped model (docs/training-log.md): beam search of width 2, mild length normalisation, and no
-# repeated word pair (small models otherwise say "large large large"). DecodingOptions() itself stays plain
-# greedy decoding, the reference the invariants are stated against.
-RECOMMENDED = {"method": "beam", "beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2}
+# What users get when they ask for nothing in particular (CLI, service, `Captioner.caption`), chosen on coco-3k
+# val for the shipped kind of model, cross-entropy + SCST (docs/training-log.md): beam search of width 2, length
+# normalisation by the caption's length, and no repeated word pair (small models otherwise say "large large
+# large"). DecodingOptions() itself stays plain greedy decoding, the reference the invariants are stated against.
+RECOMMENDED = {"method": "beam", "beam_size": 2, "length_penalty": 1.0, "no_repeat_ngram_size": 2}
+
+
+def describe_recommended() -> str:
+    """RECOMMENDED in words, e.g. "beam 2, length penalty 0.5, no repeated bigram" (for help texts)."""
+    r = DecodingOptions(**RECOMMENDED)
+    parts = [f"beam {r.beam_size}, length penalty {r.length_penalty:g}" if r.method == "beam" else r.method]
+    if r.no_repeat_ngram_size:
+        ngram = {1: "word", 2: "bigram", 3: "trigram"}.get(r.no_repeat_ngram_size, f"{r.no_repeat_ngram_size}-gram")
+        parts.append(f"no repeated {ngram}")
+    return ", ".join(parts)
 
 
 def recommended_options(**given) -> DecodingOptions:
@@ -152,7 +162,7 @@ def decoding_fields() -> tuple[DecodingField, ...]:
 
 def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True) -> None:
     """Decoding flags shared by caption, evaluate and visualize: one per field, RECOMMENDED as defaults."""
-    g = p.add_argument_group("decoding (defaults chosen on val: beam 2, length penalty 0.5, no repeated bigram)")
+    g = p.add_argument_group(f"decoding (defaults chosen on val: {describe_recommended()})")
     for spec in decoding_fields():
         if spec.name == "num_captions" and not num_captions:
             continue

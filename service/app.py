@@ -42,7 +42,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     logger.info("loaded %s (version %s, encoder %s) on %s in %.1f s", model.name, model.version,
                 model.checkpoint.encoder_name, settings.device, time.perf_counter() - started)
-    runner = CaptionRunner(model, settings.resolved_encoder_batch(model.engine))
+    runner = CaptionRunner(model, settings.resolved_encoder_batch())
     batcher = MicroBatcher(runner, settings.max_batch, settings.max_wait_ms, settings.max_queue)
     app.state.captioner = model
     app.state.batcher = batcher

@@ -216,10 +216,12 @@ class CaptionRunner:
     """Encode a batch of images, decode them per group of identical options.
 
     The CNN sees at most `encoder_batch` images per pass (`Settings.resolved_encoder_batch`): the whole batch on a
-    GPU and with ONNX Runtime on CPU (one run over 16 images: 0.73-0.79x the time of 16 single runs on an idle
-    machine). With eager torch on CPU, one image: there big batches of 448 px activations are slower per image,
-    not faster, as tensors past glibc's 32 MB mmap ceiling are page-faulted in afresh on every pass (lite0 64
-    ms/image alone, 156 ms/image in batches of 8). The decoder always gets the whole group.
+    GPU, one image on a CPU. With eager torch, big batches of 448 px activations are slower per image, not faster
+    (tensors past glibc's 32 MB mmap ceiling are page-faulted in afresh on every pass: lite0 64 ms/image alone,
+    156 ms/image in batches of 8). ONNX Runtime alone does encode 16 images in one run in 0.71-0.79x the time of
+    16 runs, but inside the service, whose request threads decode uploads on the same cores meanwhile, one image
+    per run served more images/s (benchmarks/load_service.py at concurrency 16: 90-97% of the bare pipeline
+    against 77-100%; docs/performance.md). The decoder always gets the whole group.
     """
 
     def __init__(self, captioner: Captioner, encoder_batch: int = 1):

@@ -144,7 +144,7 @@ def _ms(seconds: float) -> float:
 
 
 @api.get("/v1/stats", summary="Micro-batching counters")
-async def stats(batcher: BatcherDep, settings: SettingsDep, captioner: CaptionerDep) -> dict[str, Any]:
+async def stats(batcher: BatcherDep, settings: SettingsDep) -> dict[str, Any]:
     return {
         "batches": batcher.stats.batches,
         "requests": batcher.stats.requests,
@@ -153,7 +153,7 @@ async def stats(batcher: BatcherDep, settings: SettingsDep, captioner: Captioner
         "queue_depth": batcher.queue_depth,
         "max_batch": batcher.max_batch,
         "max_wait_ms": batcher.max_wait_s * 1000.0,
-        "encoder_batch": settings.resolved_encoder_batch(captioner.engine),
+        "encoder_batch": settings.resolved_encoder_batch(),
     }
 
 

@@ -51,8 +51,8 @@ class Settings(BaseSettings, DecodingDefaults):
     max_batch: int = Field(8, ge=1, le=256)  # 1: no batching, one request through the model at a time
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     max_queue: int = Field(256, ge=1)  # requests waiting for the model; beyond that: 503 + Retry-After
-    # Images per CNN pass within a batch. None: the whole batch, except 1 for eager torch on CPU (big CNN batches
-    # are slower per image there, see service/batching.py). The decoder always runs the whole batch.
+    # Images per CNN pass within a batch. None: 1 on CPU (measured faster in the service, see service/batching.py),
+    # the whole batch on other devices. The decoder always runs the whole batch.
     encoder_batch: int | None = Field(None, ge=1, le=256)
     request_timeout_s: float = Field(120.0, gt=0)  # waiting for the model longer than this: 503
 
@@ -63,11 +63,10 @@ class Settings(BaseSettings, DecodingDefaults):
         keys = value.split(",") if isinstance(value, str) else value
         return tuple(k.strip() for k in keys if k.strip()) if isinstance(keys, list | tuple) else keys
 
-    def resolved_encoder_batch(self, engine: str) -> int:
-        """Images per CNN pass, for the engine the model was loaded with ("onnx" or "torch")."""
+    def resolved_encoder_batch(self) -> int:
         if self.encoder_batch is not None:
             return self.encoder_batch
-        return 1 if engine == "torch" and self.device.split(":")[0] == "cpu" else self.max_batch
+        return 1 if self.device.split(":")[0] == "cpu" else self.max_batch
 
     def default_decoding(self) -> DecodingOptions:
         return DecodingOptions(**{name: getattr(self, name) for name in DecodingDefaults.model_fields})

@@ -108,13 +108,34 @@ def _teacher_forced_log_prob(decoder, features: torch.Tensor, tokens: list[int],
 
 @pytest.mark.parametrize("no_repeat", [0, 2])
 def test_width_one_beam_equals_greedy_on_real_photos(real, no_repeat):
+    """Without a length penalty a width-1 beam is greedy decoding: the same words, the same log p."""
     captioner, features = real
     greedy = generate(captioner.decoder, features, captioner.vocab, DecodingOptions(no_repeat_ngram_size=no_repeat))
     beam = generate(captioner.decoder, features, captioner.vocab,
-                    DecodingOptions(method="beam", beam_size=1, length_penalty=0.5, no_repeat_ngram_size=no_repeat))
+                    DecodingOptions(method="beam", beam_size=1, length_penalty=0.0, no_repeat_ngram_size=no_repeat))
     for g, b in zip(greedy, beam, strict=True):
         assert b[0].tokens == g[0].tokens
         assert b[0].log_prob == pytest.approx(g[0].log_prob, abs=1e-4)
+
+
+@pytest.mark.parametrize("no_repeat", [0, 2])
+@pytest.mark.parametrize("length_penalty", [0.5, 1.0])
+def test_width_one_beam_under_a_length_penalty_keeps_greedy_unless_it_finds_better(real, length_penalty, no_repeat):
+    """A width-1 beam says greedy's words up to greedy's END, where greedy's caption is finished. Under a length
+    penalty a longer caption can still score higher, so the beam goes on while its alive beam could (the stopping
+    rule), and it returns greedy's caption unless it finds one that scores strictly higher: one that starts with
+    greedy's words."""
+    captioner, features = real
+    greedy = generate(captioner.decoder, features, captioner.vocab, DecodingOptions(no_repeat_ngram_size=no_repeat))
+    beam = generate(captioner.decoder, features, captioner.vocab, DecodingOptions(
+        method="beam", beam_size=1, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat))
+    for g, b in zip(greedy, beam, strict=True):
+        greedy_score = g[0].log_prob / len(g[0].tokens) ** length_penalty
+        if b[0].tokens == g[0].tokens:
+            assert b[0].log_prob == pytest.approx(g[0].log_prob, abs=1e-4)
+        else:
+            assert b[0].tokens[: len(g[0].tokens) - 1] == g[0].tokens[:-1]
+            assert b[0].score > greedy_score
 
 
 @pytest.mark.parametrize("options", [

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from captioner.options import RECOMMENDED
+
 _spec = importlib.util.spec_from_file_location(
     "summarize_runs", Path(__file__).resolve().parents[1] / "scripts" / "summarize_runs.py")
 summarize_runs = importlib.util.module_from_spec(_spec)
@@ -19,7 +21,7 @@ def _fake_run(folder: Path, val_cider: list[float], official_cider: float, sweep
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "eval-best.json").write_text(json.dumps({"BLEU-4": 0.2, "METEOR": 0.18, "CIDEr": official_cider}))
     decodings = {
-        "recommended": {"method": "beam", "beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2},
+        "recommended": dict(RECOMMENDED),
         "beam5": {"method": "beam", "beam_size": 5, "length_penalty": 1.0, "no_repeat_ngram_size": 2},
     }
     (folder / "sweep.json").write_text(json.dumps(
@@ -40,7 +42,7 @@ def test_rows_are_mean_and_spread_over_seeds_of_the_best_epoch(tmp_path):
     sweep = [c.strip() for c in summarize_runs.summarize_sweeps("x", runs).strip("|").split("|")]
     assert sweep[2] == f"0.610 +- {statistics.stdev([0.6, 0.62]):.3f}"  # the recommended decoding's row
     assert sweep[3] == f"0.650 +- {statistics.stdev([0.6, 0.7]):.3f}"  # each run's best setting
-    assert sweep[4] == "beam2/lp0.5/nr2 beam5/lp1/nr2"
+    assert sweep[4] == f"{summarize_runs._label(RECOMMENDED)} beam5/lp1/nr2"
 
 
 def test_a_sweep_without_the_recommended_decoding_is_refused(tmp_path):
