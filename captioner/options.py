@@ -78,7 +78,7 @@ RECOMMENDED = {"method": "beam", "beam_size": 2, "length_penalty": 1.0, "no_repe
 
 
 def describe_recommended() -> str:
-    """RECOMMENDED in words, e.g. "beam 2, length penalty 0.5, no repeated bigram" (for help texts)."""
+    """RECOMMENDED in words, e.g. "beam 2, length penalty 1, no repeated bigram" (for help texts)."""
     r = DecodingOptions(**RECOMMENDED)
     parts = [f"beam {r.beam_size}, length penalty {r.length_penalty:g}" if r.method == "beam" else r.method]
     if r.no_repeat_ngram_size:

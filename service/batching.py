@@ -220,7 +220,7 @@ class CaptionRunner:
     (tensors past glibc's 32 MB mmap ceiling are page-faulted in afresh on every pass: lite0 64 ms/image alone,
     156 ms/image in batches of 8). ONNX Runtime alone does encode 16 images in one run in 0.71-0.79x the time of
     16 runs, but inside the service, whose request threads decode uploads on the same cores meanwhile, one image
-    per run served more images/s (benchmarks/load_service.py at concurrency 16: 90-97% of the bare pipeline
+    per run served more images/s (benchmarks/load_service.py at concurrency 16: 87-97% of the bare pipeline
     against 77-100%; docs/performance.md). The decoder always gets the whole group.
     """
 
