@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,20 +53,30 @@ class Checkpoint:
         return isinstance(self.decoder, EnsembleDecoder)
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Save to a temporary file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file in `path`'s folder for the block to write. If the block ends without an exception, the
+    file is fsynced, made readable by all (0644, not mkstemp's 0600) and renamed over `path` (atomic on POSIX);
+    otherwise it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
             os.fsync(f.fileno())
+        tmp.chmod(0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` that a killed process can never leave half-written (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_checkpoint(

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .checkpoint import atomic_path
 from .encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -220,11 +220,7 @@ def export_encoder(encoder: Encoder, files: GraphFiles, tolerance: float = DEFAU
     generator = torch.Generator().manual_seed(0)
     # A probe batch of two (so the dynamic batch axis is exercised) in the normalised range real photos have.
     probe = encoder.preprocessing.normalize(torch.rand(2, 3, size, size, generator=generator))
-    files.graph.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{files.graph.stem}.", suffix=".onnx.tmp", dir=files.graph.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(files.graph, suffix=".onnx.tmp") as tmp:
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's shape-inference chatter
@@ -250,8 +246,6 @@ def export_encoder(encoder: Encoder, files: GraphFiles, tolerance: float = DEFAU
             raise EngineError(f"the ONNX graph of {encoder.name} differs from torch by {diff:.2e} "
                               f"(> {tolerance * scale:.1e}): refused")
         del engine
-        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
-            os.fsync(f.fileno())
         meta = {
             "sha256": _file_sha256(tmp),
             "backbone": encoder.name,
@@ -262,26 +256,9 @@ def export_encoder(encoder: Encoder, files: GraphFiles, tolerance: float = DEFAU
             "max_abs_diff": diff,
             "torch": torch.__version__,
         }
-        tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, files.graph)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _write_text_atomic(files.sidecar, json.dumps(meta, indent=1))  # last: its presence completes the entry
+    with atomic_path(files.sidecar) as tmp:  # last: its presence completes the entry
+        tmp.write_text(json.dumps(meta, indent=1))
     return meta
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _file_sha256(path: Path) -> str:
