@@ -112,8 +112,8 @@ class OnnxEncoderEngine:
 
     # Images per session run. Unlike eager torch (whose big activations are page-faulted in afresh every pass),
     # ONNX Runtime keeps its own memory arena: on an idle 2-core machine one run over 16 images takes 0.73-0.79x
-    # the time of 16 single runs (benchmarks/caption_latency.py). On a saturated machine at one thread it was
-    # 1.19x, so the service can still be set to one image per run (CAPTIONER_ENCODER_BATCH=1).
+    # the time of 16 single runs (benchmarks/caption_latency.py; 1.19x on a saturated machine at one thread). The
+    # service still passes one image at a time on CPU (service/batching.py says why).
     max_batch = 16
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
