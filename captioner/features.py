@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .checkpoint import atomic_path
 from .coco import ImageRecord
 from .encoder import Encoder, Preprocessing, prepare_cpu_inference
 from .engine import GraphFiles, make_encoder_engine
@@ -76,9 +77,8 @@ def _collate_images(batch):
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npy") as tmp:  # np.save appends .npy to any other name
+        np.save(tmp, array)
 
 
 class FeatureStore:
@@ -160,7 +160,8 @@ def build_feature_store(
         shape = (len(records), grid[0] * grid[1], encoder.feature_dim)
         np.lib.format.open_memmap(features_file, mode="w+", dtype=np.float16, shape=shape).flush()
         np.save(status_file, np.zeros(len(records), dtype=np.int8))
-        index_file.write_text(json.dumps(index))  # written last: its presence means the files exist
+        with atomic_path(index_file) as tmp:  # written last: its presence means the files exist
+            tmp.write_text(json.dumps(index))
     status = np.load(status_file)
     todo = [i for i, s in enumerate(status) if s == TODO]
     if todo:

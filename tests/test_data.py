@@ -76,6 +76,8 @@ def test_feature_cache_skips_corrupt_images_and_resumes(coco_mini, tmp_path, voc
     assert again.status[-1] == FAILED
     index = json.loads((store.folder / "index.json").read_text())
     assert index["grid"] == [2, 2] and index["encoder"] == "efficientnet-lite0"
+    # Every write went through a temporary file that was renamed into place: none is left behind.
+    assert sorted(f.name for f in store.folder.iterdir()) == ["features.npy", "index.json", "status.npy"]
 
 
 def _open(path):
