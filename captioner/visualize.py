@@ -272,14 +272,17 @@ def save_visualization(path: str | Path, image: Image.Image, words: Sequence[str
 # `captioner visualize` (the parser lives in cli.py).
 
 
-def plan_outputs(images: Sequence[Path], out: str | None, fmt: str | None = None) -> list[Path]:
-    """Where each image's figure goes. One image: `out` itself if it names a file, else `<stem>-attention.<fmt>`
+def plan_outputs(images: Sequence[Path], out: str | None, fmt: str | None = None,
+                 names: Sequence[Path] | None = None) -> list[Path]:
+    """Where each image's figure goes. `names` (default: the stems) are `imagefiles.output_names`: a photo found
+    in a subfolder keeps its subfolder. One image: `out` itself if it names a file, else `<name>-attention.<fmt>`
     (in the current folder, or in `out` when it is a folder). Several images, or `out` ending in "/" or an
-    existing folder: `out/<stem>.<fmt>`. Raises ValueError on an unusable combination."""
+    existing folder: `out/<name>.<fmt>`. Raises ValueError on an unusable combination."""
+    names = [Path(p.stem) for p in images] if names is None else list(names)
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unsupported format {fmt!r}: use one of {', '.join(FORMATS)}")
     if out is None:
-        return _unique([Path(f"{p.stem}-attention") for p in images], fmt or "png")
+        return _unique([name.with_name(f"{name.name}-attention") for name in names], fmt or "png")
     target = Path(out)
     is_folder = out.endswith(("/", "\\")) or target.is_dir() or len(images) > 1
     if not is_folder and target.suffix:
@@ -293,11 +296,12 @@ def plan_outputs(images: Sequence[Path], out: str | None, fmt: str | None = None
         raise ValueError(f"-o {out} names a file, but {len(images)} images need a folder (e.g. -o figures/)")
     if not is_folder:  # one image, -o without an extension: a file in that format
         return [target.with_name(f"{target.name}.{fmt or 'png'}")]
-    return _unique([target / p.stem for p in images], fmt or "png")
+    return _unique([target / name for name in names], fmt or "png")
 
 
 def _unique(stems: list[Path], fmt: str) -> list[Path]:
-    """Append -2, -3, ... to repeated names (a/x.jpg and b/x.jpg must not overwrite each other)."""
+    """Append -2, -3, ... to repeated names (files a/x.jpg and b/x.jpg, given as files, must not overwrite each
+    other)."""
     seen: dict[Path, int] = {}
     paths = []
     for stem in stems:
@@ -312,14 +316,14 @@ def run(args: argparse.Namespace) -> int:
     each batch finishes. Exit 1 if any image failed, 2 on bad arguments; the good images are rendered either way."""
     from .api import load_captioner
     from .evaluate import engine_options
-    from .imagefiles import emit, find_images, progress_bar, read_batches
+    from .imagefiles import emit, find_images, output_names, progress_bar, read_batches
     from .options import decoding_options
 
     images, skipped = find_images(args.images, args.recursive)
     try:
         if not images:
             raise ValueError(f"no images in {' '.join(map(str, args.images))}")
-        outputs = plan_outputs(images, args.output, args.format)
+        outputs = plan_outputs(images, args.output, args.format, output_names(args.images, images))
         options = decoding_options(args)
         if args.columns < 1 or args.dpi < 1 or args.batch_size < 1:
             raise ValueError("--columns, --dpi and --batch-size must be at least 1")

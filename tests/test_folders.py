@@ -11,7 +11,7 @@ from PIL import Image
 
 from captioner.api import Captioner
 from captioner.cli import main
-from captioner.imagefiles import find_images
+from captioner.imagefiles import find_images, output_names
 
 PHOTOS = ["000000024585.jpg", "000000020247.jpg", "000000000790.jpg", "000000113588.jpg"]  # coco-mini/val
 
@@ -85,6 +85,29 @@ def test_subfolders_only_with_recursive(folder, lite0_checkpoint, coco_mini, cap
     images, skipped = find_images([folder], recursive=True)
     assert folder / "day2" / "beach.jpg" in images and len(images) == 5
     assert [s.path.name for s in skipped] == ["notes.txt"]
+
+
+def test_output_names_keep_the_subfolder_below_the_given_folder(tmp_path):
+    (tmp_path / "2023").mkdir()
+    given_file = tmp_path / "elsewhere" / "IMG_0001.jpg"
+    images = [tmp_path / "2023" / "IMG_0001.jpg", tmp_path / "IMG_0001.jpg", given_file]
+    assert output_names([tmp_path, given_file], images) == [Path("2023/IMG_0001"), Path("IMG_0001"),
+                                                           Path("IMG_0001")]
+
+
+def test_visualize_recursive_mirrors_the_folder_tree(folder, lite0_checkpoint, coco_mini, tmp_path, capsys):
+    """Phones reuse file names across folders: day2/000000024585.jpg must not become 000000024585-2.png."""
+    (folder / "day2").mkdir()
+    shutil.copy(coco_mini / "val" / PHOTOS[1], folder / "day2" / PHOTOS[0])  # same name, another photo
+    out = tmp_path / "figures"
+    code = main(["visualize", str(folder), "--recursive", "-o", f"{out}/", "--checkpoint", str(lite0_checkpoint),
+                 "--json", "--max-length", "4", "--method", "greedy"])
+    assert code == 0, capsys.readouterr().err
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.json"))
+    assert written == sorted(["000000024585.json", "000000020247.json", "scan-0790.json", "IMG_3588.json",
+                              "day2/000000024585.json"])
+    images = {json.loads(p.read_text())["image"] for p in out.rglob("*.json")}
+    assert str(folder / "day2" / PHOTOS[0]) in images and str(folder / PHOTOS[0]) in images
 
 
 def test_empty_folder_is_an_error(tmp_path, lite0_checkpoint, capsys):

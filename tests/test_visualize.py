@@ -141,6 +141,9 @@ def test_plan_outputs():
     assert plan_outputs([a], "figs/") == [Path("figs/a.png")]
     assert plan_outputs([a, b], "figs", "pdf") == [Path("figs/a.pdf"), Path("figs/b.pdf")]
     assert plan_outputs([a, Path("z/a.jpg")], "figs") == [Path("figs/a.png"), Path("figs/a-2.png")]
+    names = [Path("a"), Path("z/a")]  # found in folders: output_names keeps the subfolder
+    assert plan_outputs([a, Path("z/a.jpg")], "figs", names=names) == [Path("figs/a.png"), Path("figs/z/a.png")]
+    assert plan_outputs([Path("z/a.jpg")], None, names=names[1:]) == [Path("z/a-attention.png")]
     with pytest.raises(ValueError, match="folder"):
         plan_outputs([a, b], "fig.png")
     with pytest.raises(ValueError, match="unsupported"):
