@@ -1,4 +1,5 @@
-"""The routes: `POST /v1/captions` and `/v1/stats` (api), `/healthz` and `/readyz` (probes), `/` (the page).
+"""The routes: `POST /v1/captions`, `POST /v1/previews` and `/v1/stats` (api), `/healthz` and `/readyz` (probes),
+`/` (the page).
 
 Routes stay thin: read the upload (service/uploads.py), decode the image off the event loop (pixel cap before
 decoding), queue it for the micro-batcher (service/batching.py), shape the response (service/schemas.py).
@@ -8,16 +9,19 @@ What they need from the app comes through service/dependencies.py.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
 
 from captioner.api import Captioner
 from captioner.decoding import DecodingOptions
-from captioner.images import ImageError
+from captioner.images import ImageError, open_image
 from captioner.visualize import attention_style
 
 from .auth import API_KEY
@@ -81,6 +85,34 @@ async def create_caption(
     return _caption_response(done, options, captioner, timing, params.attention)
 
 
+@api.post(
+    "/v1/previews",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "the photo as a JPEG"}, **ERROR_RESPONSES},
+    openapi_extra=upload_openapi(caption_params=False),
+    summary="The photo as a JPEG a browser can show",
+)
+async def create_preview(
+    request: Request,
+    settings: SettingsDep,
+    max_side: Annotated[int, Query(ge=64, le=4096, description="longest side of the JPEG, in px")] = 1024,
+) -> Response:
+    """The uploaded image as the model sees it (EXIF orientation applied, first frame, RGB), as a JPEG no larger
+    than `max_side`: for clients that cannot decode what they uploaded (HEIC in most browsers, TIFF). The web
+    page draws the attention maps over it. Same upload forms and limits as `/v1/captions`."""
+    upload = await receive_upload(request, settings)
+    jpeg = await _read_image_in_thread(upload, lambda data: _preview_jpeg(data, settings.max_pixels, max_side))
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+
+def _preview_jpeg(data: bytes, max_pixels: int, max_side: int) -> bytes:
+    image = open_image(data, max_pixels, draft_size=max_side)  # a big JPEG decodes at a reduced scale
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # keeps the aspect ratio; never enlarges
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
 def _decoding_options(params: CaptionParams, settings: Settings) -> DecodingOptions:
     try:
         return params.decoding(settings.default_decoding())
@@ -90,12 +122,17 @@ def _decoding_options(params: CaptionParams, settings: Settings) -> DecodingOpti
 
 async def _prepare_job(captioner: Captioner, upload: Upload, max_pixels: int, options: DecodingOptions) -> CaptionJob:
     """Header check (pixel cap), decoding and preprocessing, in a thread: a big JPEG takes a while."""
+    return await _read_image_in_thread(
+        upload, lambda data: CaptionJob.from_image(captioner, captioner.open(data, max_pixels), options)
+    )
+
+
+async def _read_image_in_thread(upload: Upload, read: Callable[[bytes], Any]) -> Any:
+    """`read(upload.image)` off the event loop; an empty upload or an unusable image becomes its API error."""
     if not upload.image:
         raise ApiError(400, "empty_upload", "the image is empty (0 bytes)")
     try:
-        return await asyncio.to_thread(
-            lambda: CaptionJob.from_image(captioner, captioner.open(upload.image, max_pixels), options)
-        )
+        return await asyncio.to_thread(read, upload.image)
     except ImageError as exc:
         status, code = IMAGE_ERRORS.get(exc.kind, (400, "invalid_image"))
         raise ApiError(status, code, str(exc)) from None

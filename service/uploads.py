@@ -135,10 +135,11 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
         raise ApiError(400, "bad_request", "client disconnected during the upload") from None
 
 
-def upload_openapi() -> dict[str, Any]:
+def upload_openapi(caption_params: bool = True) -> dict[str, Any]:
     """The request body as /docs shows it (FastAPI cannot infer it: the route reads the stream itself): the
-    multipart fields are the image and CaptionParams, one schema for both places a parameter can come from."""
-    params = CaptionParams.model_json_schema()["properties"]
+    multipart fields are the image and (with `caption_params`) CaptionParams, one schema for both places a
+    parameter can come from."""
+    params = CaptionParams.model_json_schema()["properties"] if caption_params else {}
     return {
         "requestBody": {
             "required": True,

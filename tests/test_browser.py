@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from captioner.visualize import DEFAULT_OPACITY, attention_colours, colour_index, normalize_heat, upsample_attention
 from service.settings import Settings
@@ -263,6 +264,17 @@ def test_web_page_captions_an_uploaded_coco_photo(coco_mini, shipped_checkpoint,
         clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
         shot = page.call("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)
         shot = base64.b64decode(shot["data"])
+
+        # An iPhone's HEIC, which Chromium cannot decode: the page shows the server's JPEG of it instead.
+        heic = tmp_path / "IMG_0790.HEIC"
+        Image.open(photo).save(heic, format="HEIF", quality=90)
+        page.evaluate("document.body.dataset.state = 'picking'")
+        page.call("DOM.setFileInputFiles", files=[str(heic)], objectId=node["objectId"])
+        state = page.wait_for("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state",
+                              timeout=120)
+        assert state == "done" and page.evaluate("document.querySelector('#status').textContent") == ""
+        assert page.evaluate("document.querySelector('#photo').naturalWidth") == 640
+        assert page.evaluate(HEATMAP_INK) > 10, "no attention heat map drawn over the HEIC's preview"
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 50_000
     (tmp_path / "service.png").write_bytes(shot)
     if target := os.environ.get("CAPTIONER_SCREENSHOT"):

@@ -120,3 +120,30 @@ def test_service_captions_heic_like_its_jpeg_and_accepts_avif(client, jpeg_path,
         response = client.post("/v1/captions", **request)
         assert response.status_code == 200, response.text
         assert response.json()["caption"].strip()
+
+
+def test_service_previews_a_heic_as_an_upright_jpeg(client, rgb):
+    """What the web page shows when the browser cannot decode the upload: the upright photo, as a JPEG."""
+    stored = rgb.transpose(Image.Transpose.ROTATE_90)  # a portrait photo, stored on its side (orientation 6)
+    heic = encode(stored, "HEIF", quality=90, orientation=6)
+    response = client.post("/v1/previews", params={"max_side": 320},
+                           files={"image": ("IMG_0002.HEIC", heic, "image/heic")})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/jpeg"
+    preview = Image.open(io.BytesIO(response.content))
+    assert preview.format == "JPEG" and preview.mode == "RGB"
+    assert preview.size == (320, round(320 * rgb.height / rgb.width))  # upright, as wide as rgb, longest side 320
+    expected = np.asarray(rgb.resize(preview.size, Image.Resampling.LANCZOS), dtype=np.int16)
+    assert np.abs(np.asarray(preview, dtype=np.int16) - expected).mean() < 8
+
+    raw = client.post("/v1/previews", content=heic, headers={"Content-Type": "image/heic"})
+    assert raw.status_code == 200 and Image.open(io.BytesIO(raw.content)).size == rgb.size  # never enlarged
+
+
+def test_service_preview_refuses_what_captions_refuse(client):
+    not_an_image = client.post("/v1/previews", files={"image": ("notes.heic", b"not a photo", "image/heic")})
+    assert not_an_image.status_code == 415 and not_an_image.json()["error"]["code"] == "unsupported_media_type"
+    empty = client.post("/v1/previews", content=b"", headers={"Content-Type": "image/jpeg"})
+    assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_upload"
+    tiny = client.post("/v1/previews", params={"max_side": 8}, content=b"x", headers={"Content-Type": "image/jpeg"})
+    assert tiny.status_code == 422

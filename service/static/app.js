@@ -80,12 +80,33 @@ async function caption(file) {
     render(body);
     setState("done", "");
   };
-  photo.onerror = () => {
-    // Captioned, but a format this browser cannot display (e.g. TIFF): show the words without the picture.
-    render(body);
-    setState("done", "This browser cannot display the image, so the attention maps have nothing to cover.");
+  photo.onerror = async () => {
+    // A format this browser cannot display (HEIC outside Safari, TIFF): ask the server for a JPEG of it, once.
+    photo.onerror = () => {
+      render(body);
+      setState("done", "This browser cannot display the image, so the attention maps have nothing to cover.");
+    };
+    const uploaded = page.photoUrl;
+    const preview = await fetchPreview(file);
+    if (page.photoUrl !== uploaded) return; // another photo was chosen meanwhile
+    if (!preview) return photo.onerror();
+    URL.revokeObjectURL(page.photoUrl);
+    page.photoUrl = URL.createObjectURL(preview);
+    photo.src = page.photoUrl;
   };
   photo.src = page.photoUrl;
+}
+
+// The photo as a JPEG, from POST /v1/previews (EXIF orientation applied as for the model); null on failure.
+async function fetchPreview(file) {
+  const form = new FormData();
+  form.set("image", file, file.name);
+  try {
+    const response = await fetch("/v1/previews?max_side=1600", { method: "POST", body: form, headers: authHeaders() });
+    return response.ok ? await response.blob() : null;
+  } catch (err) {
+    return null;
+  }
 }
 
 function setState(state, message) {
