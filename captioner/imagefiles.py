@@ -71,11 +71,12 @@ def output_names(inputs: Sequence[Path], images: Sequence[Path]) -> list[Path]:
     """A name per image for the files written about it: its path below the folder it was found in, without the
     extension (`--recursive` keeps `2023/IMG_0001` and `2024/IMG_0001` apart, as a phone's folders need), or its
     stem when it was given as a file."""
-    folders = [given for given in inputs if given.is_dir()]
-    files = {given for given in inputs if not given.is_dir()}
+    is_folder = {given: given.is_dir() for given in inputs}  # one stat per input
+    folders = [given for given, folder in is_folder.items() if folder]
     names = []
     for image in images:
-        folder = None if image in files else next((f for f in folders if image.is_relative_to(f)), None)
+        given_as_file = is_folder.get(image) is False
+        folder = None if given_as_file else next((f for f in folders if image.is_relative_to(f)), None)
         names.append(image.relative_to(folder).with_suffix("") if folder is not None else Path(image.stem))
     return names
 

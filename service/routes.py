@@ -13,7 +13,7 @@ import io
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -127,7 +127,10 @@ async def _prepare_job(captioner: Captioner, upload: Upload, max_pixels: int, op
     )
 
 
-async def _read_image_in_thread(upload: Upload, read: Callable[[bytes], Any]) -> Any:
+T = TypeVar("T")
+
+
+async def _read_image_in_thread(upload: Upload, read: Callable[[bytes], T]) -> T:
     """`read(upload.image)` off the event loop; an empty upload or an unusable image becomes its API error."""
     if not upload.image:
         raise ApiError(400, "empty_upload", "the image is empty (0 bytes)")
