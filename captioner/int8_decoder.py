@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from itertools import chain
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ def quantize_decoder_for_cpu(decoder: nn.Module) -> nn.Module:
         raise TypeError(f"cannot quantise a {type(decoder).__name__}")
     if Int8LstmDecoder.supports(decoder.config):
         return Int8LstmDecoder(decoder)
-    quantized = copy.deepcopy(decoder).cpu().eval()
+    quantized = _copy_sharing_tensors(decoder)
     kinds = (nn.Linear, nn.LSTMCell, nn.GRUCell)
     return _quantize(quantized, {name for name, module in quantized.named_modules()
                                  if isinstance(module, kinds) and _is_step_layer(name)})
@@ -73,7 +74,7 @@ class Int8LstmDecoder(nn.Module):
         order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
         with torch.no_grad():
             # init_state is the model's own, with 2 W_a in int8 (h0/c0 and the class head stay fp32: once per image).
-            initial = copy.deepcopy(decoder).cpu().eval()
+            initial = _copy_sharing_tensors(decoder, except_under=("attention.feature_proj.",))
             initial.attention.feature_proj.weight.mul_(2)
             initial.attention.feature_proj.bias.mul_(2)
             self.initial = _quantize(initial, {"attention.feature_proj"})
@@ -133,6 +134,16 @@ class Int8LstmDecoder(nn.Module):
 def _int8_matmul(x: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
     """What a dynamic int8 `Linear` computes (activations quantised per tensor, reduce_range as it does)."""
     return torch.ops.quantized.linear_dynamic.default(x, packed, True)
+
+
+def _copy_sharing_tensors(decoder: nn.Module, except_under: tuple[str, ...] = ()) -> nn.Module:
+    """A CPU copy of `decoder` in eval mode whose modules are new but whose CPU tensors are the decoder's own, except
+    those under the `except_under` prefixes (copied, for the caller to change in place). Quantising replaces
+    modules and only reads the float weights, so the int8 decoder then costs the memory of what it quantises, not
+    of a second fp32 decoder (`Captioner` keeps both: the fp32 one scores perplexity)."""
+    tensors = chain(decoder.named_parameters(), decoder.named_buffers())
+    shared = {id(t): t for name, t in tensors if t.device.type == "cpu" and not name.startswith(except_under)}
+    return copy.deepcopy(decoder, memo=shared).cpu().eval()
 
 
 def _is_step_layer(name: str) -> bool:

@@ -245,6 +245,7 @@ def test_other_decoders_get_layerwise_int8(kind, shipped_torch, coco_mini):
                                            **kind)).eval()
     quantized = quantize_decoder_for_cpu(decoder)
     assert not isinstance(quantized, Int8LstmDecoder)
+    assert _float_tensors_not_shared_with(quantized, decoder) == []
     assert not any(isinstance(m, torch.nn.Linear) for n, m in quantized.named_modules() if n.startswith("out_"))
     features = shipped_torch.encode([open_image(coco_mini / "val" / n) for n in PHOTOS])
     start = torch.full((len(PHOTOS),), vocab.start_id)
@@ -254,11 +255,19 @@ def test_other_decoders_get_layerwise_int8(kind, shipped_torch, coco_mini):
     assert torch.nn.functional.cosine_similarity(logits_fp32, logits_int8, dim=1).min() > 0.99
 
 
-def test_quantizing_leaves_the_original_decoder_alone(shipped_torch):
+def _float_tensors_not_shared_with(module: torch.nn.Module, decoder: torch.nn.Module) -> list[str]:
+    storages = {t.untyped_storage().data_ptr() for t in [*decoder.parameters(), *decoder.buffers()]}
+    return [name for name, t in [*module.named_parameters(), *module.named_buffers()]
+            if t.untyped_storage().data_ptr() not in storages]
+
+
+def test_quantizing_leaves_the_original_decoder_alone_and_copies_none_of_its_weights(shipped_torch):
     before = {k: v.clone() for k, v in shipped_torch.decoder.state_dict().items()}
-    quantize_decoder_for_cpu(shipped_torch.decoder)
+    quantized = quantize_decoder_for_cpu(shipped_torch.decoder)
     after = shipped_torch.decoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # init_state runs on the decoder's own h0/c0 and class-head tensors, not on a second fp32 decoder (~29 MB).
+    assert _float_tensors_not_shared_with(quantized.initial, shipped_torch.decoder) == []
 
 
 def test_engines_caption_real_photos_alike(shipped_fast, shipped_torch, shipped_checkpoint, coco_mini):
