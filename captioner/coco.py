@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +72,36 @@ def load_karpathy_split(
     return records
 
 
-def load_caption_texts(captions_file: str | Path) -> list[str]:
-    """Only the caption strings of a COCO-format file (e.g. text for a language model or vocabulary)."""
+def load_caption_texts(captions_file: str | Path, exclude_image_ids: Collection[int] = ()) -> list[str]:
+    """Only the caption strings of a COCO-format file (e.g. text for a language model or vocabulary), without
+    those of `exclude_image_ids`: the validation photos, whose captions must not shape a model scored on them
+    (coco-mini's text-only file, for one, holds the captions of coco-3k's val photos)."""
     data = json.loads(Path(captions_file).read_text())
-    return [a["caption"].strip() for a in data["annotations"] if a["caption"].strip()]
+    excluded = set(exclude_image_ids)
+    texts = [a["caption"].strip() for a in data["annotations"]
+             if a["caption"].strip() and a["image_id"] not in excluded]
+    dropped = sum(1 for a in data["annotations"] if a["image_id"] in excluded)
+    if dropped:
+        log.warning("%s: left out %d captions of validation photos", captions_file, dropped)
+    return texts
+
+
+def caption_image_ids(captions_file: str | Path) -> set[int]:
+    """The image ids a COCO-format captions file has captions for."""
+    return {a["image_id"] for a in json.loads(Path(captions_file).read_text())["annotations"]}
+
+
+def check_disjoint(train: Sequence[ImageRecord], val: Sequence[ImageRecord]) -> None:
+    """Refuse validation photos that are training photos too (same image id and file name): their scores would
+    be inflated, and early stopping, seed and decoding choices with them."""
+    def key(record: ImageRecord) -> tuple[int, str]:
+        return record.image_id, record.path.name
+
+    shared = sorted({key(r) for r in train} & {key(r) for r in val})
+    if shared:
+        examples = ", ".join(name for _, name in shared[:3])
+        raise SystemExit(f"{len(shared)} validation photos are training photos too (e.g. {examples}): "
+                         "take them out of one of the two splits")
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)

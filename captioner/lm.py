@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
-from .coco import load_caption_texts
+from .coco import caption_image_ids, load_caption_texts
 from .encoder import Encoder, Preprocessing, get_backbone
 from .model import AttentionDecoder, caption_loss
 from .train import add_model_arguments, config_from_args
@@ -40,6 +40,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="COCO-format captions file(s) used as text only (repeatable)")
     p.add_argument("--train-captions", type=Path, action="append", default=[],
                    help="the image-training captions: they join the LM text and the vocabulary")
+    p.add_argument("--val-captions", type=Path, action="append", default=[],
+                   help="captions file(s) of the photos the captioner will be validated on: their captions are "
+                   "left out of the LM text and vocabulary (repeatable)")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--min-word-count", type=int, default=5)
     p.add_argument("--max-words", type=int, default=30)
@@ -94,15 +97,19 @@ def lm_epoch(
     return total / max(tokens, 1)
 
 
+def load_lm_text(text_files: Sequence[Path], val_captions_files: Sequence[Path]) -> list[str]:
+    """The captions of `text_files`, without those of the photos in `val_captions_files`."""
+    val_ids = set().union(*(caption_image_ids(f) for f in val_captions_files))
+    return [t for f in text_files for t in load_caption_texts(f, exclude_image_ids=val_ids)]
+
+
 def main(args: argparse.Namespace) -> dict[str, float]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir / "lm.log")
     set_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    texts = [t for f in args.text for t in load_caption_texts(f)]
-    train_texts = [t for f in args.train_captions for t in load_caption_texts(f)]
-    vocab = Vocabulary.build(texts + train_texts, min_count=args.min_word_count)
-    corpus = texts + train_texts
+    corpus = load_lm_text(args.text + args.train_captions, args.val_captions)
+    vocab = Vocabulary.build(corpus, min_count=args.min_word_count)
     random.Random(args.seed).shuffle(corpus)
     n_holdout = max(1, int(len(corpus) * args.holdout))
     holdout = [vocab.encode(t, args.max_words) for t in corpus[:n_holdout]]

@@ -38,6 +38,7 @@ from .coco import (
     CaptionDataset,
     ImageCaptionDataset,
     ImageRecord,
+    check_disjoint,
     collate_captions,
     load_caption_texts,
     load_coco_captions,
@@ -120,7 +121,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--karpathy-split", type=Path, help="dataset_coco.json: train+restval / val")
     data.add_argument("--image-root", type=Path, help="with --karpathy-split: the folder holding `filepath`s")
     data.add_argument("--vocab-text", type=Path, action="append", default=[],
-                      help="extra COCO-format captions file(s) whose text joins the vocabulary (no images)")
+                      help="extra COCO-format captions file(s) whose text joins the vocabulary (no images; "
+                      "captions of the validation photos are left out)")
     data.add_argument("--min-word-count", type=int, default=5, help="rarer words become <unk>")
     data.add_argument("--max-words", type=int, default=30, help="longer training captions are cut")
     data.add_argument("--val-limit", type=int, default=0, help="validate on the first N images only (0: all)")
@@ -199,13 +201,17 @@ def load_splits(args: argparse.Namespace) -> tuple[list[ImageRecord], list[Image
         val = val[: args.val_limit]
     if not train or not val:
         raise SystemExit(f"empty data: {len(train)} training and {len(val)} validation images")
+    check_disjoint(train, val)
     return train, val
 
 
-def build_vocab(train: Sequence[ImageRecord], extra_text_files: Sequence[Path], min_count: int) -> Vocabulary:
+def build_vocab(train: Sequence[ImageRecord], extra_text_files: Sequence[Path], min_count: int,
+                val: Sequence[ImageRecord]) -> Vocabulary:
+    """The training captions' words, and those of `extra_text_files` other than the `val` photos' captions."""
     texts = [c for r in train for c in r.captions]
+    val_ids = {r.image_id for r in val}
     for f in extra_text_files:
-        texts.extend(load_caption_texts(f))
+        texts.extend(load_caption_texts(f, exclude_image_ids=val_ids))
     return Vocabulary.build(texts, min_count=min_count)
 
 
@@ -385,7 +391,7 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
     start = load_starting_point(args, encoder)
     check_start(args, start)
     vocab = start.checkpoint.vocab if start.checkpoint else build_vocab(train_records, args.vocab_text,
-                                                                        args.min_word_count)
+                                                                        args.min_word_count, val_records)
     log.info("vocabulary: %d words (min count %d)", len(vocab), args.min_word_count)
 
     train_set, val_store = build_datasets(args, train_records, val_records, encoder, vocab, env)

@@ -40,6 +40,15 @@ def coco_mini() -> Path:
 
 
 @pytest.fixture(scope="session")
+def coco_3k(coco_mini) -> Path:
+    """The larger real COCO subset beside coco-mini (the shipped model's data): its annotations only."""
+    folder = coco_mini.parent / "coco-3k"
+    if not (folder / "annotations" / "captions_val.json").is_file():
+        pytest.fail(f"the real COCO subset coco-3k is missing at {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def train_records(coco_mini):
     return load_coco_captions(coco_mini / "annotations" / "captions_train.json", coco_mini / "train")
 

@@ -1,11 +1,21 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
-from captioner.coco import CaptionDataset, collate_captions, load_coco_captions, load_karpathy_split
+from captioner import train
+from captioner.coco import (
+    CaptionDataset,
+    collate_captions,
+    load_caption_texts,
+    load_coco_captions,
+    load_karpathy_split,
+)
 from captioner.encoder import Encoder
 from captioner.features import FAILED, build_feature_store
+from captioner.lm import load_lm_text
+from captioner.vocab import tokenize
 from tests.helpers import write_coco_subset
 
 
@@ -13,6 +23,46 @@ def test_official_coco_format_loads_all_images_with_their_captions(train_records
     assert len(train_records) == 290 and len(val_records) == 60
     assert all(len(r.captions) >= 5 and r.path.is_file() for r in train_records)
     assert all(c == c.strip() for r in val_records for c in r.captions)  # verbatim trailing spaces/newlines gone
+
+
+def test_validation_captions_stay_out_of_the_lm_text_and_the_vocabulary(coco_mini, coco_3k, train_records):
+    """coco-mini's text-only file holds the captions of coco-3k's val photos: given those photos as validation,
+    neither `pretrain-lm` nor `train --vocab-text` may learn from their captions."""
+    text_file = coco_mini / "annotations" / "captions_text_only.json"
+    val_file = coco_3k / "annotations" / "captions_val.json"
+    val_ids = {a["image_id"] for a in json.loads(val_file.read_text())["annotations"]}
+    annotations = json.loads(text_file.read_text())["annotations"]
+    of_val = {a["caption"].strip() for a in annotations if a["image_id"] in val_ids}
+    of_others = {a["caption"].strip() for a in annotations if a["image_id"] not in val_ids}
+    assert len(of_val) > 1000  # the leak this guards against is real
+
+    lm_text = load_lm_text([text_file], [val_file])
+    assert not (set(lm_text) & (of_val - of_others))
+    assert set(lm_text) == of_others - {""}
+    assert set(load_lm_text([text_file], [])) >= of_val  # without --val-captions they would be there
+
+    val_records = load_coco_captions(val_file, coco_3k / "val")
+    val_only_words = ({w for c in of_val for w in tokenize(c)}
+                      - {w for c in of_others for w in tokenize(c)}
+                      - {w for r in train_records for c in r.captions for w in tokenize(c)})
+    assert val_only_words
+    vocab = train.build_vocab(train_records, [text_file], 1, val_records)
+    assert not any(w in vocab for w in val_only_words)
+    leaky_vocab = train.build_vocab(train_records, [text_file], 1, [])
+    assert all(w in leaky_vocab for w in val_only_words)
+    assert len(load_caption_texts(text_file, exclude_image_ids=val_ids)) < len(annotations)
+
+
+def test_training_refuses_validation_photos_that_are_training_photos(coco_mini):
+    captions, photos = coco_mini / "annotations" / "captions_train.json", coco_mini / "train"
+    args = train.get_args_parser().parse_args([
+        "--train-images", str(photos), "--train-captions", str(captions),
+        "--val-images", str(photos), "--val-captions", str(captions), "--output-dir", "unused",
+    ])
+    with pytest.raises(SystemExit, match="290 validation photos are training photos too"):
+        train.load_splits(args)
+    args.val_images, args.val_captions = coco_mini / "val", coco_mini / "annotations" / "captions_val.json"
+    assert [len(split) for split in train.load_splits(args)] == [290, 60]
 
 
 def test_karpathy_split(coco_mini):
