@@ -76,14 +76,12 @@ def load_caption_texts(captions_file: str | Path, exclude_image_ids: Collection[
     """Only the caption strings of a COCO-format file (e.g. text for a language model or vocabulary), without
     those of `exclude_image_ids`: the validation photos, whose captions must not shape a model scored on them
     (coco-mini's text-only file, for one, holds the captions of coco-3k's val photos)."""
-    data = json.loads(Path(captions_file).read_text())
+    annotations = json.loads(Path(captions_file).read_text())["annotations"]
     excluded = set(exclude_image_ids)
-    texts = [a["caption"].strip() for a in data["annotations"]
-             if a["caption"].strip() and a["image_id"] not in excluded]
-    dropped = sum(1 for a in data["annotations"] if a["image_id"] in excluded)
-    if dropped:
-        log.warning("%s: left out %d captions of validation photos", captions_file, dropped)
-    return texts
+    kept = [a for a in annotations if a["image_id"] not in excluded]
+    if len(kept) < len(annotations):
+        log.warning("%s: left out %d captions of validation photos", captions_file, len(annotations) - len(kept))
+    return [a["caption"].strip() for a in kept if a["caption"].strip()]
 
 
 def caption_image_ids(captions_file: str | Path) -> set[int]:
