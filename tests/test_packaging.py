@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -16,6 +18,12 @@ from tests.conftest import REPO
 
 PHOTO = "000000024585.jpg"  # coco-mini/val: an aeroplane
 SOURCES = ("pyproject.toml", "README.md", "captioner", "service")
+
+
+def running_package_folders() -> list[str]:
+    """Where the interpreter running the tests finds its installed packages: a venv's, or the system's."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([paths["purelib"], paths["platlib"], *site.getsitepackages()]))
 
 
 def test_wheel_carries_the_shipped_model_and_captions_from_another_folder(tmp_path, coco_mini, shipped_checkpoint):
@@ -35,10 +43,17 @@ def test_wheel_carries_the_shipped_model_and_captions_from_another_folder(tmp_pa
         packed = archive.getinfo("captioner/weights/captioner-default.pt")
         assert packed.file_size == shipped_checkpoint.stat().st_size
 
-    # A fresh venv that reuses the installed torch (system site-packages) and gets the wheel, without its deps.
+    # A fresh venv that reuses the packages of the interpreter running these tests (torch among them) and gets
+    # the wheel, without its deps. Not `--system-site-packages`: inside a venv that gives the *base* Python's
+    # site-packages, where nothing is installed. A .pth file naming this interpreter's package folders comes after
+    # the new venv's own site-packages (so the wheel wins), and its folders' own .pth files are not run (so an
+    # editable install of the checkout stays out).
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    venv_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    (venv_site / "running-interpreter.pth").write_text("\n".join(running_package_folders()) + "\n")
     # No PYTHONPATH anywhere: pip must not take a checkout on it for an installed captioner, nor Python import it.
     env = {k: v for k, v in os.environ.items() if k not in ("CAPTIONER_CHECKPOINT", "PYTHONPATH")}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-cache-dir",
