@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import overload
 
 import torch
 from PIL import Image
@@ -19,6 +20,8 @@ from .engine import make_encoder_engine
 from .images import DEFAULT_MAX_PIXELS, open_image
 from .int8_decoder import quantize_decoder_for_cpu
 from .options import recommended_options
+
+ImageInput = Image.Image | str | os.PathLike  # one image: a PIL image, or the path of an image file
 
 
 def default_checkpoint_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -34,10 +37,15 @@ def default_checkpoint_path(environ: Mapping[str, str] | None = None) -> Path:
 @dataclass
 class Candidate:
     caption: str
-    log_prob: float
+    log_prob: float  # sum of the model's log p(word) over `words`
     words: list[str]  # generated words, END included as "<end>" (one per attention map)
     alphas: torch.Tensor = field(repr=False)  # (T, L)
     betas: torch.Tensor = field(repr=False)  # (T,)
+
+    @property
+    def mean_log_prob(self) -> float:
+        """log p per word (<end> included): the model's confidence, comparable across caption lengths."""
+        return self.log_prob / max(len(self.words), 1)
 
 
 @dataclass
@@ -45,6 +53,16 @@ class CaptionResult:
     caption: str
     candidates: list[Candidate]
     grid: tuple[int, int]  # (h, w) of the attention maps: alphas reshape to (T, h, w)
+    uncertain: bool = False  # the best caption's mean_log_prob is below DecodingOptions.uncertain_below
+
+    @property
+    def mean_log_prob(self) -> float:
+        return self.candidates[0].mean_log_prob
+
+
+def is_uncertain(candidate: Candidate, options: DecodingOptions) -> bool:
+    """Whether a caption is below the confidence floor the caller set (none set: never)."""
+    return options.uncertain_below is not None and candidate.mean_log_prob < options.uncertain_below
 
 
 class Captioner:
@@ -101,18 +119,23 @@ class Captioner:
         """`open_image` at no more resolution than this model uses (big JPEGs decode at reduced scale)."""
         return open_image(source, max_pixels, draft_size=self.preprocessing.image_size)
 
-    def caption(
-        self,
-        images: Sequence[Image.Image | str | Path],
-        options: DecodingOptions | None = None,
-        **decoding,
-    ) -> list[CaptionResult]:
-        """Caption images (PIL images or paths). Decoding keywords as in DecodingOptions (method=...), on top of
-        the recommended settings (`decoding.RECOMMENDED`); pass `options` to control every field."""
+    @overload
+    def caption(self, images: ImageInput, options: DecodingOptions | None = None, **decoding) -> CaptionResult: ...
+
+    @overload
+    def caption(self, images: Sequence[ImageInput], options: DecodingOptions | None = None,
+                **decoding) -> list[CaptionResult]: ...
+
+    def caption(self, images, options=None, **decoding):
+        """Caption one image (a PIL image or a path: one CaptionResult) or a list of them (a list of results).
+        Decoding keywords as in DecodingOptions (method=...), on top of the recommended settings
+        (`options.RECOMMENDED`); pass `options` to control every field."""
         if options is None:
             options = recommended_options(**decoding)
         elif decoding:
             raise TypeError("pass either options or decoding keywords, not both")
+        if isinstance(images, str | os.PathLike | Image.Image):  # one image, never a string's characters
+            return self.caption([images], options)[0]
         pil = [im if isinstance(im, Image.Image) else self.open(im) for im in images]
         if not pil:
             return []
@@ -133,7 +156,8 @@ class Captioner:
                 generated = generate(self.step_decoder, features, self.vocab, options)
         for hyps in generated:
             candidates = [self._candidate(h) for h in hyps]
-            results.append(CaptionResult(candidates[0].caption, candidates, self.grid))
+            results.append(CaptionResult(candidates[0].caption, candidates, self.grid,
+                                         uncertain=is_uncertain(candidates[0], options)))
         return results
 
     @contextmanager

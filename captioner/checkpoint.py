@@ -11,7 +11,9 @@ module ever has to match the code that loads it. Writes are atomic: a killed run
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -126,8 +128,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, pickled module, random bytes: all unusable the same way
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # pickled objects, a truncated file, a photo: unusable, each said in one line
+        # Never pass on PyTorch's advice to retry with weights_only=False: that would run the file's code.
+        if isinstance(exc, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # torch.save's own container
+            reason = "it holds pickled Python objects, which captioner never loads: they could run code"
+        else:
+            reason = "not a PyTorch file, or a truncated one"
+        raise CheckpointError(f"{path}: not a captioner checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a captioner checkpoint (no '{FORMAT}' header)")
     if payload.get("format_version", 0) > FORMAT_VERSION:

@@ -4,12 +4,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import textwrap
 from pathlib import Path
 
-from . import evaluate, lm, train
+from . import __version__, evaluate, lm, train
 from .evaluate import add_engine_arguments, engine_options
 from .options import add_decoding_arguments, decoding_options
+from .usage import UsageError, check_coco_pair, device_type, port_type
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `captioner caption: error: ... (see captioner caption --help)`, status 2
+    (argparse's own usage block runs to a dozen lines for the commands with decoding flags)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every meaningful default, wraps prose paragraphs and keeps indented lines (examples) as
+    written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = re.split(r"\n\s*\n", text.strip("\n"))
+        return "\n\n".join(p if p.startswith(" ") else textwrap.fill(" ".join(p.split()), width,
+                                                                       initial_indent=indent,
+                                                                       subsequent_indent=indent)
+                             for p in paragraphs)
+
+
+def _add_parser(sub, name: str, help: str, description: str, examples: str = "", **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose help opens with what it does for the user, then its options, then examples."""
+    epilog = "examples:\n\n" + textwrap.indent(textwrap.dedent(examples).strip("\n"), "  ") if examples else None
+    return sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=_HelpFormatter,
+                          **kwargs)
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,10 +56,17 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _caption_parser(sub) -> None:
-    p = sub.add_parser("caption", help="caption image files or folders",
-                       description="Caption images: files, or folders of them (their images found by extension or "
-                                   "content, sorted; other files reported and skipped). One line, or one JSON "
-                                   "object, per image, printed as soon as its batch is done.")
+    p = _add_parser(sub, "caption", help="caption image files or folders",
+                    description="Write a caption for each photo: files, or folders of them (their images found by "
+                                "extension or content, sorted; other files reported and skipped). One line, or one "
+                                "JSON object, per image, printed as soon as its batch is done. Every image is "
+                                "tried; if any cannot be read, the last line says how many and the exit status "
+                                "is 1.",
+                    examples="""
+                        captioner caption photo.jpg
+                        captioner caption photos/ --recursive --json > captions.jsonl
+                        captioner caption photo.jpg --method sample --num-captions 3 --seed 0
+                        """)
     _add_input_arguments(p)
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
     p.add_argument("--device", default="cpu")
@@ -61,7 +103,11 @@ def _run_caption(args: argparse.Namespace) -> int:
             bar.update(len(batch))
     if not paths:
         print(f"captioner caption: error: no images in {' '.join(map(str, args.images))}", file=sys.stderr)
-    return 1 if failures == len(paths) else 0
+        return 1
+    if failures:  # every image was tried; a script must still notice the ones that failed
+        print(f"captioner caption: {failures} of {len(paths)} images could not be read (see above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _caption_line(path: Path, result, as_json: bool) -> str:
@@ -69,10 +115,14 @@ def _caption_line(path: Path, result, as_json: bool) -> str:
         return json.dumps({
             "image": str(path),
             "caption": result.caption,
-            "candidates": [{"caption": c.caption, "log_prob": c.log_prob} for c in result.candidates],
+            "mean_log_prob": round(result.mean_log_prob, 4),
+            "uncertain": result.uncertain,
+            "candidates": [{"caption": c.caption, "log_prob": c.log_prob, "mean_log_prob": round(c.mean_log_prob, 4)}
+                           for c in result.candidates],
         })
-    return "\n".join([f"{path}: {result.caption}", *(f"    {c.log_prob:8.3f}  {c.caption}"
-                                                      for c in result.candidates[1:])])
+    flag = f"(uncertain: {result.mean_log_prob:.2f} per word) " if result.uncertain else ""
+    return "\n".join([f"{path}: {flag}{result.caption}", *(f"    {c.log_prob:8.3f}  {c.caption}"
+                                                             for c in result.candidates[1:])])
 
 
 def _caption_error_line(path: Path, message: str, as_json: bool) -> tuple[str, object]:
@@ -88,23 +138,53 @@ def _skip_line(path: Path, reason: str, as_json: bool) -> tuple[str, object]:
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", parents=[train.get_args_parser(add_help=False)], help="train a captioner",
-                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(func=lambda args: (train.main(args), 0)[1])
+    p = _add_parser(sub, "train", parents=[train.get_args_parser(add_help=False)], help="train a captioner",
+                    description="Train a captioner on your photos and their captions (COCO-format files, or a "
+                                "Karpathy split). Each epoch writes OUTPUT/last.pt (what --resume continues "
+                                "from), OUTPUT/best.pt (the best validation score so far) and a line of "
+                                "OUTPUT/metrics.jsonl. Stop it at any time (Ctrl-C): --resume goes on from the "
+                                "last finished epoch, exactly as if it had not stopped. A folder that already "
+                                "holds a run is refused unless --resume or --overwrite says what to do with it.",
+                    examples="""
+                        captioner train --train-images train2017/ --train-captions captions_train2017.json \\
+                            --val-images val2017/ --val-captions captions_val2017.json --output-dir runs/first
+                        captioner train ... --output-dir runs/first --resume
+                        captioner caption --checkpoint runs/first/best.pt photo.jpg
+                        """)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    if not args.karpathy_split:
+        check_coco_pair(args.train_captions, args.train_images, "--train-captions", "--train-images")
+        check_coco_pair(args.val_captions, args.val_images, "--val-captions", "--val-images")
+    train.main(args)
+    return 0
 
 
 def _pretrain_lm_parser(sub) -> None:
-    p = sub.add_parser("pretrain-lm", parents=[lm.get_args_parser(add_help=False)],
-                       help="pretrain the decoder as a caption language model on text alone",
-                       description=lm.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _add_parser(sub, "pretrain-lm", parents=[lm.get_args_parser(add_help=False)],
+                    help="pretrain the decoder as a caption language model on text alone",
+                    description="Teach a decoder to write captions from caption text alone (no photos), as a "
+                                "start for `captioner train --init-from`: with few photos, most of what a "
+                                "captioner must learn is the language of captions.",
+                    examples="""
+                        captioner pretrain-lm --text captions_text_only.json --train-captions captions_train.json \\
+                            --output-dir runs/lm --epochs 3
+                        captioner train ... --init-from runs/lm/best.pt
+                        """)
     p.set_defaults(func=lambda args: (lm.main(args), 0)[1])
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a slim checkpoint for shipping (no optimizer state, optional fp16)",
-                       description="Copy a checkpoint without its training state, optionally in fp16; with "
-                                   "--ensemble, write several checkpoints over one backbone and vocabulary as "
-                                   "one ensemble file (their log-probabilities are averaged at every step).")
+    p = _add_parser(sub, "export", help="write a slim checkpoint for shipping (no optimizer state, optional fp16)",
+                    description="Copy a checkpoint without its training state, optionally in fp16; with "
+                                "--ensemble, write several checkpoints over one backbone and vocabulary as "
+                                "one ensemble file (their log-probabilities are averaged at every step).",
+                    examples="""
+                        captioner export runs/first/best.pt -o model.pt --half
+                        captioner export runs/seed0/best.pt runs/seed1/best.pt --ensemble -o ensemble.pt
+                        """)
     p.add_argument("checkpoints", type=Path, nargs="+", metavar="checkpoint")
     p.add_argument("--ensemble", action="store_true", help="combine all the given checkpoints into one ensemble")
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -125,10 +205,11 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _average_parser(sub) -> None:
-    p = sub.add_parser("average", help="average the weights of several checkpoints of one model",
-                       description="Checkpoint averaging: write one checkpoint whose weights are the mean of the "
-                                   "given ones (same model config, vocabulary and encoder, e.g. a run's "
-                                   "top-epochs/*.pt).")
+    p = _add_parser(sub, "average", help="average the weights of several checkpoints of one model",
+                    description="Write one checkpoint whose weights are the mean of the given ones (same model "
+                                "config, vocabulary and encoder, e.g. a run's top-epochs/*.pt): often a little "
+                                "better than any of them.",
+                    examples="captioner average runs/first/top-epochs/*.pt -o averaged.pt")
     p.add_argument("checkpoints", nargs="+", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=_run_average)
@@ -145,16 +226,35 @@ def _run_average(args: argparse.Namespace) -> int:
 
 
 def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", parents=[evaluate.get_args_parser(add_help=False)],
-                       help="score a checkpoint with the COCO metrics", description=evaluate.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(func=lambda args: (evaluate.main(args), 0)[1])
+    p = _add_parser(sub, "evaluate", parents=[evaluate.get_args_parser(add_help=False)],
+                    help="score a checkpoint with the COCO metrics",
+                    description="Caption photos that have reference captions and score the captions against them "
+                                "(the official COCO metrics with Java, BLEU-4 and CIDEr-D without), with the "
+                                "model's perplexity on the references.",
+                    examples="""
+                        captioner evaluate --images val2017/ --captions captions_val2017.json
+                        captioner evaluate --checkpoint runs/first/best.pt --images val2017/ \\
+                            --captions captions_val2017.json --results results.json --json
+                        """)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    if not args.karpathy_split:
+        check_coco_pair(args.captions, args.images, "--captions", "--images")
+    evaluate.main(args)
+    return 0
 
 
 def _visualize_parser(sub) -> None:
-    p = sub.add_parser("visualize", help="draw where the model looked for each word",
-                       description="Caption images and draw each word's attention map over the photo: a PNG or "
-                                   "PDF figure, or an animated GIF (by the extension of -o).")
+    p = _add_parser(sub, "visualize", help="draw where the model looked for each word",
+                    description="Caption images and draw each word's attention map over the photo: a PNG or "
+                                "PDF figure, or an animated GIF (by the extension of -o).",
+                    examples="""
+                        captioner visualize photo.jpg
+                        captioner visualize photo.jpg -o attention.gif
+                        captioner visualize photos/ -o figures/ --format pdf
+                        """)
     _add_input_arguments(p)
     p.add_argument("-o", "--output", default=None,
                    help="file (.png, .pdf, .gif) for one image, or a folder (several images, or ending in /); "
@@ -178,11 +278,17 @@ def _run_visualize(args: argparse.Namespace) -> int:
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve the captioner over HTTP",
-                       description="Run the HTTP service: web page at /, API at POST /v1/captions, docs at /docs. "
-                       "Other settings come from CAPTIONER_* environment variables (see docs/service.md).")
+    p = _add_parser(sub, "serve", help="serve the captioner over HTTP",
+                    description="Run the HTTP service with the shipped model (or --checkpoint): a web page at /, "
+                                "the API at POST /v1/captions, its docs at /docs. Other settings come from "
+                                "CAPTIONER_* environment variables (see docs/service.md).",
+                    examples="""
+                        captioner serve
+                        captioner serve --host 0.0.0.0 --port 8080 --checkpoint runs/first/best.pt
+                        curl -F image=@photo.jpg http://127.0.0.1:8000/v1/captions
+                        """)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_type, default=8000)
     p.add_argument("--checkpoint", type=Path, default=None, help="default: $CAPTIONER_CHECKPOINT or the shipped model")
     p.add_argument("--device", default=None, help="default: $CAPTIONER_DEVICE or cpu")
     p.add_argument("--max-batch", type=int, default=None, help="micro-batch size (1: no batching)")
@@ -205,18 +311,34 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
-        print(f"captioner: error: invalid settings: {exc}", file=sys.stderr)
-        return 2
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"invalid settings (flags or CAPTIONER_* variables): {problems}") from None
     checkpoint = settings.checkpoint or default_checkpoint_path()
     if not checkpoint.is_file():  # fail here, with one line, rather than in the server's start-up traceback
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found: pass --checkpoint or set CAPTIONER_CHECKPOINT")
+        raise UsageError(f"{_checkpoint_source(args.checkpoint)} {checkpoint}: no such checkpoint file")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
+def _checkpoint_source(given: Path | None) -> str:
+    """Which setting named the checkpoint, for error messages (never "pass --checkpoint" to one who did)."""
+    import os
+
+    if given is not None:
+        return "--checkpoint"
+    if os.environ.get("CAPTIONER_CHECKPOINT"):
+        return "CAPTIONER_CHECKPOINT"
+    return "the shipped model (reinstall captioner, or pass --checkpoint)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captioner", description="Show, Attend and Tell image captioning")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="captioner", formatter_class=_HelpFormatter,
+                     description="Caption photos with a Show, Attend and Tell model (one is shipped), train "
+                                 "your own, score it, and serve it over HTTP.",
+                     epilog="examples:\n\n  captioner caption photo.jpg\n  captioner serve\n  "
+                            "captioner COMMAND --help")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _caption_parser(sub)
     _evaluate_parser(sub)
@@ -225,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     _average_parser(sub)
     _visualize_parser(sub)
     _serve_parser(sub)
+    for command in sub.choices.values():  # every --device names one this machine has, or argparse says so
+        for action in command._actions:
+            if action.dest == "device":
+                action.type = device_type
     return parser
 
 
@@ -232,11 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
+    prog = f"captioner {args.command}"
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError) as exc:
-        print(f"captioner: error: {exc}", file=sys.stderr)
+    except (UsageError, CheckpointError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (training says where it stopped), the shell's status
+        print(f"{prog}: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
@@ -21,6 +22,11 @@ from pillow_heif import register_heif_opener
 register_heif_opener()
 
 DEFAULT_MAX_PIXELS = 50_000_000  # well above any photo, well below what fills memory
+
+# libjpeg's warnings that mean the picture itself is damaged (Pillow silences them and returns grey or smeared
+# blocks). Others, such as "N extraneous bytes before marker" (junk after the data, common from some cameras),
+# leave every pixel intact and are not refused.
+_DAMAGED_JPEG = ("bad huffman code", "premature end", "instead of rst", "huffman table")
 
 
 class ImageError(ValueError):
@@ -66,6 +72,8 @@ def open_image(
         )
     if width == 0 or height == 0:
         raise ImageError(f"{name}: image has no pixels")
+    if image.format == "JPEG":
+        check_jpeg_data(source, name)
     try:
         image.seek(0)  # first frame of GIF/WebP/APNG animations
         if draft_size and image.format == "JPEG" and min(width, height) >= 2 * draft_size:
@@ -75,6 +83,18 @@ def open_image(
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise ImageError(f"{name}: corrupt or truncated image data ({exc})") from exc
+
+
+def check_jpeg_data(data: bytes, name: str = "upload") -> None:
+    """Raise ImageError when a JPEG's compressed data is damaged (bytes overwritten in the middle): libjpeg
+    notices, but Pillow keeps only hard errors, so such a photo would decode into smeared blocks and be captioned
+    without a word. simplejpeg decodes strictly (at 1/8 scale: every coefficient is still read, little is
+    computed)."""
+    try:
+        simplejpeg.decode_jpeg(data, strict=True, fastdct=True, min_height=1, min_width=1)
+    except ValueError as exc:
+        if any(sign in str(exc).lower() for sign in _DAMAGED_JPEG):
+            raise ImageError(f"{name}: corrupt or truncated image data ({exc})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

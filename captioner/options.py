@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Annotated, Any, Literal
@@ -54,12 +55,28 @@ class DecodingOptions:
         int, Ge(1), About("captions returned per image (samples, or the n-best beams up to beam_size)", Le(10))
     ] = 1
     seed: Annotated[int | None, About("sampling seed, for reproducible samples", Ge(0), Le(2**63 - 1))] = None
+    uncertain_below: Annotated[
+        float | None, Le(0), About("flag the caption as uncertain when its mean log p per word (<end> included) is "
+                                   "below this (e.g. -2.5; unset: never)")
+    ] = None
 
     def __post_init__(self) -> None:
         for spec in decoding_fields():
             spec.check(getattr(self, spec.name))
         if self.method == "beam" and self.num_captions > self.beam_size:
             raise ValueError("beam search returns at most beam_size captions: raise beam_size or lower num_captions")
+        if self.num_captions > 1 and self.one_caption:
+            raise ValueError(f"{self._one_caption_method} gives one caption: for num_captions > 1 use method beam "
+                             "(the n best) or sample at a temperature above 0")
+
+    @property
+    def one_caption(self) -> bool:
+        """Whether the method can only give one caption (greedy, and sampling at temperature 0, which is greedy)."""
+        return self.method == "greedy" or (self.method == "sample" and self.temperature == 0)
+
+    @property
+    def _one_caption_method(self) -> str:
+        return "greedy decoding" if self.method == "greedy" else "sampling at temperature 0 (greedy)"
 
     def updated(self, **given) -> DecodingOptions:
         """These options with the `given` fields replaced. Asking beam search for more captions than the beam
@@ -67,6 +84,9 @@ class DecodingOptions:
         merged = {**{f.name: getattr(self, f.name) for f in fields(self)}, **given}
         if merged["method"] == "beam" and "beam_size" not in given:
             merged["beam_size"] = max(merged["beam_size"], merged["num_captions"])
+        one_caption = merged["method"] == "greedy" or (merged["method"] == "sample" and merged["temperature"] == 0)
+        if one_caption and "num_captions" not in given:  # a default of several captions, for a method that has one
+            merged["num_captions"] = 1
         return DecodingOptions(**merged)
 
 
@@ -112,6 +132,11 @@ class DecodingField:
         return (*self.bounds, *self.about.service_limits)
 
     @property
+    def optional(self) -> bool:
+        """Whether None is a value (`int | None`): the option can be left unset."""
+        return type(None) in typing.get_args(self.type)
+
+    @property
     def choices(self) -> tuple[Any, ...] | None:
         return typing.get_args(self.type) if typing.get_origin(self.type) is Literal else None
 
@@ -124,6 +149,8 @@ class DecodingField:
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"{self.name} must be {', '.join(self.choices[:-1])} or {self.choices[-1]}, "
                              f"not {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{self.name} must be a finite number, not {value}")
         if value is None or not self.bounds:
             return
         low = next((b for b in self.bounds if isinstance(b, Ge | Gt)), None)
@@ -174,7 +201,7 @@ def add_decoding_arguments(p: argparse.ArgumentParser, num_captions: bool = True
             default = None
         elif default is not None:
             help_text += " (default %(default)s)"
-        kind = int if spec.type == int | None else spec.type
+        kind = next(t for t in typing.get_args(spec.type) if t is not type(None)) if spec.optional else spec.type
         g.add_argument(flag, dest=spec.name, default=default, help=help_text,
                        **({"choices": spec.choices} if spec.choices else {"type": kind}))
 
@@ -187,4 +214,6 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
     try:
         return recommended_options(**given)
     except ValueError as exc:
-        raise SystemExit(f"captioner: error: {exc}") from None
+        from .usage import UsageError
+
+        raise UsageError(str(exc)) from None

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder
 from .evaluate import validate
 from .features import VIEWS, FeatureStore, build_feature_store
 from .model import AttentionDecoder, CaptionerConfig, DecoderOutput, caption_loss, hard_attention_loss
+from .usage import check_output_dir
 from .utils import (
     args_record,
     drop_rows_from,
@@ -170,6 +171,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--output-dir", type=Path, required=True)
     run.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUTPUT/../.cache)")
     run.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run OUTPUT already holds (without it or --resume, such a folder is refused)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     run.add_argument("--num-workers", type=int, default=0)
     run.add_argument("--eval-batch-size", type=int, default=64)
@@ -371,16 +374,62 @@ class StartingPoint:
         return self.resume or self.init
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where it stopped and what --resume will do."""
+
+
+@dataclass
+class Progress:
+    """Where a run is (the epoch, and the batches its loader has handed out), for the line Ctrl-C prints."""
+
+    epoch: int | None = None
+    step: int = 0
+    steps: int = 0
+
+    def count(self, loader: DataLoader) -> _CountedLoader:
+        """`loader`, counting its batches into `step`."""
+        self.step, self.steps = 0, len(loader)
+        return _CountedLoader(loader, self)
+
+    def interrupted(self, output_dir: Path) -> str:
+        if self.epoch is None:
+            return "interrupted before the first epoch (the feature cache keeps what was encoded): run it again"
+        where = f"interrupted at epoch {self.epoch}, step {self.step}" + (f" of {self.steps}" if self.steps else "")
+        if (output_dir / "last.pt").exists():  # written atomically: a kill never leaves half a file
+            return f"{where}; {output_dir / 'last.pt'} is intact: --resume continues"
+        return f"{where}, before the first checkpoint: run it again to start over"
+
+
+@dataclass
+class _CountedLoader:
+    loader: DataLoader
+    progress: Progress
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        for batch in self.loader:
+            self.progress.step += 1
+            yield batch
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run a training; returns the best validation metrics. Safe to kill and `--resume` at any time."""
+    """Run a training; returns the best validation metrics. Safe to kill and `--resume` at any time: Ctrl-C
+    raises TrainingInterrupted, whose message says where the run stopped."""
     env, device = init_distributed(args.device)
+    progress = Progress()
     try:
-        return run_training(args, env, device)
+        return run_training(args, env, device, progress)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(progress.interrupted(args.output_dir)) from None
     finally:
         shutdown(env)
 
 
-def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.device) -> dict[str, Any]:
+def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.device,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or Progress()
     check_args(args, env)
     start_run(args, env)
     train_records, val_records = load_splits(args)
@@ -426,11 +475,12 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
             log.info("early stop: %d epochs without a better %s", state.bad_epochs, args.monitor)
             break
         started = time.time()
+        progress.epoch, progress.step, progress.steps = epoch, 0, 0
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         if scst_stage is not None:
             row.update(scst_stage.train_one_epoch(model, vocab, optimizer, args, epoch, env))
         else:
-            loader = training_loader(train_set, args, env, epoch, device)
+            loader = progress.count(training_loader(train_set, args, env, epoch, device))
             row.update(train_one_epoch(model, loader, optimizer, args, epoch, env, state.scaler, amp_dtype))
         scores, predictions = validate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size,
                                        env=env)
@@ -465,6 +515,7 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
 
 def check_args(args: argparse.Namespace, env: DistributedEnv) -> None:
     """Refuse impossible combinations up front, before minutes of feature encoding."""
+    check_output_dir(args.output_dir, args.resume, getattr(args, "overwrite", False))
     if args.batch_size % env.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} must divide evenly over {env.world_size} processes")
     if args.scst:

@@ -164,7 +164,9 @@ def _caption_response(done: BatchResult, options: DecodingOptions, captioner: Ca
     result = done.value
     response = CaptionResponse(
         caption=result.caption,
-        candidates=[CandidateOut(caption=c.caption, log_prob=round(c.log_prob, 4)) for c in result.candidates],
+        uncertain=result.uncertain,
+        candidates=[CandidateOut(caption=c.caption, log_prob=round(c.log_prob, 4),
+                                 mean_log_prob=round(c.mean_log_prob, 4)) for c in result.candidates],
         decoding=decoding_out(options),
         model=_model_out(captioner),
         timing_ms=timing,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
@@ -28,7 +29,8 @@ def decoding_model(name: str, doc: str, *, optional: bool = False, limits: bool 
             kind, default = kind | None, None
         else:
             default = ... if defaults is None else defaults[spec.name]
-        specs[spec.name] = (kind, Field(default, description=spec.about.description))
+        finite = {"allow_inf_nan": False} if float in (spec.type, *typing.get_args(spec.type)) else {}
+        specs[spec.name] = (kind, Field(default, description=spec.about.description, **finite))
     return create_model(name, __base__=base, __doc__=doc, __module__=__name__, **specs, **extra)
 
 
@@ -64,6 +66,7 @@ CaptionParams = decoding_model(
 class CandidateOut(BaseModel):
     caption: str
     log_prob: float = Field(description="sum of log p(word) under the model, <end> included")
+    mean_log_prob: float = Field(description="log p per word, <end> included: the model's confidence (0 is sure)")
 
 
 DecodingOut = decoding_model("DecodingOut", "The decoding options the caption was made with.", limits=False)
@@ -101,6 +104,7 @@ class TimingOut(BaseModel):
 
 class CaptionResponse(BaseModel):
     caption: str
+    uncertain: bool = Field(description="the caption's mean_log_prob is below the uncertain_below asked for")
     candidates: list[CandidateOut]
     decoding: DecodingOut
     model: ModelOut

@@ -15,7 +15,7 @@ def test_caption_json_with_a_bad_file_among_good_ones(lite0_checkpoint, coco_min
     code = main(["caption", str(good[0]), str(bad), str(good[1]), "--checkpoint", str(lite0_checkpoint),
                  "--json", "--method", "beam", "--beam-size", "3", "--num-captions", "2", "--max-length", "8"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert code == 0
+    assert code == 1  # every image tried, and the failure still reaches the exit status
     assert [line["image"] for line in lines] == [str(good[0]), str(bad), str(good[1])]  # the user's order
     assert "not a recognised image format" in lines[1]["error"]
     for line in (lines[0], lines[2]):
@@ -68,18 +68,19 @@ def test_evaluate_limit_and_no_java(lite0_checkpoint, coco_mini, capsys):
 
 
 def test_impossible_decoding_flags_exit_with_the_reason(coco_mini, capsys):
-    with pytest.raises(SystemExit, match="top_p must be in"):
-        main(["caption", str(coco_mini / "val" / "000000024585.jpg"), "--top-p", "0"])
+    assert main(["caption", str(coco_mini / "val" / "000000024585.jpg"), "--top-p", "0"]) == 2
+    assert capsys.readouterr().err == "captioner caption: error: top_p must be in (0, 1]\n"
 
 
 def test_beam_widens_to_num_captions_only_when_not_given():
     from captioner.cli import build_parser
     from captioner.options import decoding_options
+    from captioner.usage import UsageError
 
     parser = build_parser()
     widened = decoding_options(parser.parse_args(["caption", "x.jpg", "--num-captions", "4"]))
     assert (widened.beam_size, widened.num_captions) == (4, 4)
     kept = decoding_options(parser.parse_args(["caption", "x.jpg", "--beam-size", "6", "--num-captions", "4"]))
     assert kept.beam_size == 6
-    with pytest.raises(SystemExit, match="at most beam_size"):
+    with pytest.raises(UsageError, match="at most beam_size"):
         decoding_options(parser.parse_args(["caption", "x.jpg", "--beam-size", "2", "--num-captions", "4"]))

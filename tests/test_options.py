@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from captioner.cli import build_parser
 from captioner.decoding import RECOMMENDED, DecodingOptions
 from captioner.options import decoding_fields, decoding_options
+from captioner.usage import UsageError
 from service.schemas import CaptionParams, DecodingOut
 from service.settings import Settings
 
@@ -41,7 +42,7 @@ def test_bounds_hold_everywhere_and_the_service_adds_its_limits():
         CaptionParams(top_p=0)
     with pytest.raises(ValidationError):
         Settings(top_p=0)
-    with pytest.raises(SystemExit, match="max_length must be >= 1"):
+    with pytest.raises(UsageError, match="max_length must be >= 1"):
         decoding_options(build_parser().parse_args(["caption", "x.jpg", "--max-length", "0"]))
     # A request may not ask for 11 beams (work per request), the library and the CLI may.
     assert DecodingOptions(method="beam", beam_size=11).beam_size == 11
