@@ -12,11 +12,12 @@ import asyncio
 import io
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
 from captioner.api import Captioner
@@ -213,8 +214,18 @@ async def readyz(batcher: RunningBatcherDep, captioner: CaptionerDep) -> HealthR
 
 
 @pages.get("/", include_in_schema=False)
-async def index() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html")
+async def index(settings: SettingsDep) -> HTMLResponse:
+    """The page, its decoding fields filled with this server's defaults (RECOMMENDED unless CAPTIONER_* says
+    otherwise), so the page, the API and the CLI give a photo the same caption."""
+    return HTMLResponse(page_with_defaults(settings.default_decoding()), headers={"Cache-Control": "no-cache"})
+
+
+def page_with_defaults(defaults: DecodingOptions) -> str:
+    html = (STATIC / "index.html").read_text()
+    for name, value in asdict(defaults).items():
+        html = html.replace("{{" + name + "}}", "" if value is None else f"{value:g}" if isinstance(value, float)
+                            else str(value))
+    return html.replace(f'<option value="{defaults.method}">', f'<option value="{defaults.method}" selected>')
 
 
 @pages.get("/attention-style.json", include_in_schema=False)

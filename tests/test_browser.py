@@ -227,6 +227,8 @@ def test_web_page_captions_an_uploaded_coco_photo(coco_mini, shipped_checkpoint,
         page.wait_for("document.readyState === 'complete' && "
                       "document.querySelector('#model-info').textContent.startsWith('model ')")
         assert "captioner-default" in page.evaluate("document.querySelector('#model-info').textContent")
+        assert page.evaluate("document.querySelector('#beam-size').value") == str(settings.beam_size)  # defaults
+        page.evaluate("document.querySelector('#num-captions').value = '3'")  # the n-best list, as a user asks
 
         # Choose the file as the file picker would: the page's own change handler uploads it.
         node = page.call("Runtime.evaluate", expression="document.querySelector('#file-input')")["result"]

@@ -534,3 +534,42 @@ def test_captioner_serve_refuses_a_missing_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-m", "captioner.cli", "serve", "--checkpoint", str(tmp_path / "x.pt")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "x.pt" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 33: one set of defaults, and responses that tell the truth.
+
+
+def test_the_page_is_served_with_the_servers_decoding_defaults(client):
+    page = client.get("/").text
+    defaults = Settings(max_length=12).default_decoding()
+    assert "{{" not in page
+    assert f'id="beam-size" type="number" min="1" max="10" value="{defaults.beam_size}"' in page
+    assert f'id="num-captions" type="number" min="1" max="10" value="{defaults.num_captions}"' in page
+    assert f'value="{defaults.temperature:g}"' in page
+    assert f'<option value="{defaults.method}" selected>' in page and page.count(" selected>") == 1
+
+
+def test_greedy_gives_one_caption_and_says_so(client, photo):
+    error = assert_error(post_image(client, photo, params={"method": "greedy", "num_captions": 3}), 422,
+                         "invalid_parameters")
+    assert "greedy decoding gives one caption" in error["message"]
+    body = post_image(client, photo, params={"method": "greedy"}).json()
+    assert len(body["candidates"]) == 1 and body["decoding"]["num_captions"] == 1
+
+
+def test_nan_is_refused_as_not_finite(client, photo):
+    error = assert_error(post_image(client, photo, params={"temperature": "nan"}), 422, "invalid_parameters")
+    assert "finite number" in json.dumps(error) and "less than or equal" not in json.dumps(error)
+
+
+def test_mean_log_prob_and_the_uncertain_floor(client, photo):
+    body = post_image(client, photo, params={"num_captions": 2}).json()
+    assert body["uncertain"] is False  # no floor set
+    for candidate in body["candidates"]:
+        words = len(candidate["caption"].split()) + 1  # <end> counts
+        assert candidate["mean_log_prob"] == pytest.approx(candidate["log_prob"] / words, abs=1e-3)
+    best = body["candidates"][0]["mean_log_prob"]
+    for floor, uncertain in ((best + 0.01, True), (best - 0.01, False)):
+        flagged = post_image(client, photo, params={"uncertain_below": floor}).json()
+        assert flagged["uncertain"] is uncertain and flagged["decoding"]["uncertain_below"] == floor

@@ -14,12 +14,17 @@ const page = {
 // ---------------------------------------------------------------------------------------------------------
 // Upload.
 
+// The fields start at the server's defaults (it fills them in when it serves the page): the CLI's, RECOMMENDED.
+// Only what applies to the chosen method is sent; greedy decoding gives one caption. As on the command line, a
+// beam size left at its default widens to the number of captions asked for; one the user set is kept.
 function decodingParams() {
   const params = new FormData();
-  params.set("method", $("#method").value);
-  params.set("beam_size", $("#beam-size").value);
-  params.set("num_captions", $("#num-captions").value);
-  params.set("temperature", $("#temperature").value);
+  const method = $("#method").value;
+  const beam = $("#beam-size");
+  params.set("method", method);
+  if (method === "beam" && beam.value !== beam.defaultValue) params.set("beam_size", beam.value);
+  if (method !== "greedy") params.set("num_captions", $("#num-captions").value);
+  if (method === "sample") params.set("temperature", $("#temperature").value);
   params.set("attention", "true");
   return params;
 }
