@@ -573,3 +573,11 @@ def test_mean_log_prob_and_the_uncertain_floor(client, photo):
     for floor, uncertain in ((best + 0.01, True), (best - 0.01, False)):
         flagged = post_image(client, photo, params={"uncertain_below": floor}).json()
         assert flagged["uncertain"] is uncertain and flagged["decoding"]["uncertain_below"] == floor
+
+
+def test_redoc_is_served_from_this_server_only(client):
+    page = client.get("/redoc")
+    assert page.status_code == 200 and "/redoc-assets/redoc.standalone.js" in page.text
+    assert "https://" not in page.text.split("<body>")[0]  # no CDN script, font or icon in the head
+    script = client.get("/redoc-assets/redoc.standalone.js")
+    assert script.status_code == 200 and "cdn.redoc.ly" not in script.text and "Redoc" in script.text
