@@ -197,12 +197,13 @@ def load_captioner(
     throughout: the reference). `quantize_decoder`: None = int8 decoder with the onnx engine only; False keeps
     fp32. `cache_dir`: where exported encoder graphs are kept (default $CAPTIONER_CACHE_DIR or
     ~/.cache/captioner)."""
-    path = Path(path) if path is not None else default_checkpoint_path()
-    if not path.exists() and path == default_checkpoint_path():
-        raise CheckpointError(
-            f"no checkpoint given and the default model {path} is missing: pass --checkpoint "
-            "or set CAPTIONER_CHECKPOINT"
-        )
+    if path is None:  # name the setting the user actually gave, never "pass --checkpoint" to one who did
+        path = default_checkpoint_path()
+        if os.environ.get("CAPTIONER_CHECKPOINT") and not path.exists():
+            raise CheckpointError(f"CAPTIONER_CHECKPOINT {path}: no such checkpoint file")
+        if not path.exists():
+            raise CheckpointError(f"the shipped model {path} is missing (reinstall captioner), or pass --checkpoint")
+    path = Path(path)
     checkpoint = load_checkpoint(path)
     if torch.device(device).type == "cpu":
         prepare_cpu_inference()

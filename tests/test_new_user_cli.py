@@ -252,6 +252,18 @@ def test_serve_names_the_checkpoint_setting_that_was_given(tmp_path, monkeypatch
     assert code == 2 and f"CAPTIONER_CHECKPOINT {missing}: no such checkpoint file" in one_line_error(err)
 
 
+def test_caption_names_the_checkpoint_setting_that_was_given(coco_mini, tmp_path, monkeypatch, capsys):
+    photo = str(coco_mini / "val" / PHOTO)
+    missing = tmp_path / "x.pt"
+    code, _, err = run(["caption", photo, "--checkpoint", str(missing)], capsys)
+    assert code == 2 and one_line_error(err) == f"captioner caption: error: {missing}: no such checkpoint file"
+    monkeypatch.setenv("CAPTIONER_CHECKPOINT", str(missing))
+    code, _, err = run(["caption", photo], capsys)
+    line = one_line_error(err)
+    assert code == 2 and f"CAPTIONER_CHECKPOINT {missing}: no such checkpoint file" in line
+    assert "pass --checkpoint" not in line
+
+
 def test_every_command_defaults_to_the_shipped_model():
     parser = build_parser()
     for argv in (["caption", "x.jpg"], ["visualize", "x.jpg"], ["evaluate"], ["serve"]):
