@@ -24,6 +24,7 @@ from .decoding import DecodingOptions, generate
 from .distributed import SINGLE_PROCESS, DistributedEnv, gather_objects
 from .engine import ENGINES
 from .features import FeatureStore, ImageFileDataset
+from .hallucination import hallucination_scores, load_instance_categories
 from .metrics import coco_scores, fast_scores, java_available
 from .model import AttentionDecoder, caption_loss
 from .options import add_decoding_arguments, decoding_options
@@ -40,9 +41,10 @@ def validate(
     batch_size: int = 64,
     env: DistributedEnv = SINGLE_PROCESS,
 ) -> tuple[dict[str, float], dict[int, str]]:
-    """Validation the honest way: decode every image and score the captions (BLEU-4, CIDEr-D), plus
-    teacher-forced cross-entropy on the reference captions for perplexity. Under DDP each rank decodes a
-    shard and every rank gets the same gathered scores."""
+    """Validation the honest way: decode every image and score the captions (BLEU-4, CIDEr-D, and how much they
+    invent: CHAIR-i/CHAIR-s, people and count invention against the references), plus teacher-forced
+    cross-entropy on the reference captions for perplexity. Under DDP each rank decodes a shard and every rank
+    gets the same gathered scores."""
     decoder.eval()
     device = next(decoder.parameters()).device
     options = options or DecodingOptions(method="greedy")
@@ -61,7 +63,8 @@ def validate(
     parts = gather_objects((predictions, ce_sum, tokens), env)  # in rank order, the same on every rank
     predictions = {image_id: text for part, _, _ in parts for image_id, text in part.items()}
     ce_sum, tokens = sum(part[1] for part in parts), sum(part[2] for part in parts)
-    scores = fast_scores(predictions, {r.image_id: list(r.captions) for r in records})
+    references = {r.image_id: list(r.captions) for r in records}
+    scores = {**fast_scores(predictions, references), **hallucination_scores(predictions, references)}
     ce = ce_sum / max(tokens, 1)
     return {**scores, "val_cross_entropy": ce, "val_perplexity": math.exp(ce)}, predictions
 
@@ -97,6 +100,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
     p.add_argument("--images", type=Path, help="folder of images (with --captions)")
     p.add_argument("--captions", type=Path, help="COCO captions file")
+    p.add_argument("--instances", type=Path, metavar="INSTANCES_JSON",
+                   help="COCO instance annotations (instances_val2017.json): their categories count as there "
+                        "for the hallucination metrics, beside what the reference captions mention")
     p.add_argument("--karpathy-split", type=Path, help="dataset_coco.json (instead of --images/--captions)")
     p.add_argument("--image-root", type=Path, help="with --karpathy-split: folder holding the `filepath`s")
     p.add_argument("--split", default="test", help="with --karpathy-split: which split (default test)")
@@ -186,6 +192,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         scores["note"] = "Java not used: BLEU-4 and CIDEr-D on captioner's tokenizer only"
     else:
         scores = coco_scores(predictions, references)
+    instances = load_instance_categories(args.instances) if args.instances else None
+    scores.update(hallucination_scores(predictions, references, instances))
     result: dict[str, Any] = {
         **scores,
         "perplexity": perplexity,

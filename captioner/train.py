@@ -720,9 +720,9 @@ def log_epoch(row: dict[str, Any], predictions: dict[int, str], args: argparse.N
     train_part = (f"reward {row['train_reward_CIDEr']:.3f} (baseline {row['train_baseline_CIDEr']:.3f})"
                   if args.scst else f"ppl {row['train_perplexity']:.1f}")
     log.info(
-        "epoch %d: loss %.3f %s | val ppl %.1f BLEU-4 %.3f CIDEr %.3f %s| %.0fs",
+        "epoch %d: loss %.3f %s | val ppl %.1f BLEU-4 %.3f CIDEr %.3f CHAIR-s %.3f CHAIR-i %.3f %s| %.0fs",
         row["epoch"], row["train_loss"], train_part, row["val_perplexity"], row["BLEU-4"],
-        row["CIDEr"], "(best) " if row["best"] else "", row["seconds"],
+        row["CIDEr"], row["CHAIR-s"], row["CHAIR-i"], "(best) " if row["best"] else "", row["seconds"],
     )
     log.info("  e.g. image %d: %s", *next(iter(predictions.items())))
 

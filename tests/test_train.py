@@ -47,7 +47,7 @@ def test_training_run_logs_perplexity_skips_corrupt_images_and_saves(tmp_path, c
     for r in rows:
         assert math.isclose(r["train_perplexity"], math.exp(r["train_cross_entropy"]), rel_tol=1e-9)
         assert math.isclose(r["val_perplexity"], math.exp(r["val_cross_entropy"]), rel_tol=1e-9)
-        assert {"BLEU-4", "CIDEr", "lr", "max_grad_norm_before_clip"} <= set(r)
+        assert {"BLEU-4", "CIDEr", "CHAIR-s", "CHAIR-i", "lr", "max_grad_norm_before_clip"} <= set(r)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert "skipping unreadable image" in caplog.text
     best = load_checkpoint(out / "best.pt")
