@@ -28,7 +28,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     written."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        if _no_default(action.default) or re.search(r"%\(default\)|\(default\)",
+                                                                                action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -38,6 +39,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                                                                        initial_indent=indent,
                                                                        subsequent_indent=indent)
                              for p in paragraphs)
+
+
+def _no_default(value: object) -> bool:
+    """Defaults not worth showing: unset, a flag's off, an empty list (by identity: 0 is a real default)."""
+    return value is None or value is False or value is argparse.SUPPRESS or value == []
 
 
 def _add_parser(sub, name: str, help: str, description: str, examples: str = "", **kwargs) -> argparse.ArgumentParser:
@@ -69,7 +75,7 @@ def _caption_parser(sub) -> None:
                         """)
     _add_input_arguments(p)
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 ..., mps")
     p.add_argument("--batch-size", type=int, default=16, help="images per pass through the model")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     add_engine_arguments(p)
@@ -242,7 +248,13 @@ def _evaluate_parser(sub) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     if not args.karpathy_split:
         check_coco_pair(args.captions, args.images, "--captions", "--images")
-    evaluate.main(args)
+    try:
+        evaluate.main(args)
+    except ValueError as exc:
+        if "no predictions to score" not in str(exc):  # metrics.py's word for "not one image could be read"
+            raise
+        folder = f"--images {args.images}" if not args.karpathy_split else f"--image-root {args.image_root}"
+        raise UsageError(f"{folder}: not one of the listed photos could be read, nothing to score") from None
     return 0
 
 
@@ -261,7 +273,7 @@ def _visualize_parser(sub) -> None:
                         "default: <stem>-attention.png here")
     p.add_argument("--format", choices=["png", "pdf", "gif"], default=None, help="format for folder outputs")
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 ..., mps")
     p.add_argument("--columns", type=int, default=5, help="panels per row")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
     p.add_argument("--batch-size", type=int, default=8, help="images per pass through the model")
@@ -347,10 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     _average_parser(sub)
     _visualize_parser(sub)
     _serve_parser(sub)
-    for command in sub.choices.values():  # every --device names one this machine has, or argparse says so
+    for command in sub.choices.values():
         for action in command._actions:
-            if action.dest == "device":
+            if action.dest == "device":  # every --device names one this machine has, or argparse says so
                 action.type = device_type
+                action.help = action.help or "where the model runs: cpu, cuda, cuda:1 ..., mps"
+            elif action.help is None and not _no_default(action.default):
+                action.help = "default: %(default)s"  # argparse shows no default for an option without help
     return parser
 
 

@@ -57,7 +57,7 @@ class DecodingOptions:
     seed: Annotated[int | None, About("sampling seed, for reproducible samples", Ge(0), Le(2**63 - 1))] = None
     uncertain_below: Annotated[
         float | None, Le(0), About("flag the caption as uncertain when its mean log p per word (<end> included) is "
-                                   "below this (e.g. -2.5; unset: never)")
+                                   "below this (unset: never)")
     ] = None
 
     def __post_init__(self) -> None:

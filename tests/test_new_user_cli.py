@@ -126,6 +126,14 @@ def test_evaluate_on_a_missing_or_wrong_image_folder_names_the_argument(coco_min
         assert code == 2 and f"--images {images}" in line and expected in line, line
 
 
+def test_evaluate_on_a_karpathy_split_without_its_photos_is_one_line(coco_mini, tmp_path, capsys):
+    code, _, err = run(["evaluate", "--karpathy-split", str(coco_mini / "dataset_coco.json"), "--split", "val",
+                        "--image-root", str(tmp_path), "--limit", "2", "--no-java", "--json", "--engine", "torch"],
+                       capsys)
+    line = one_line_error(err)
+    assert code == 2 and f"--image-root {tmp_path}: not one of the listed photos could be read" in line, err
+
+
 def test_train_with_a_photo_as_captions_or_a_missing_image_folder_is_one_line(data, coco_mini, tmp_path, capsys):
     photo = coco_mini / "val" / PHOTO
     argv = ["train", *train_argv(data, tmp_path / "run", tmp_path / "cache", epochs=1)]
