@@ -581,3 +581,10 @@ def test_redoc_is_served_from_this_server_only(client):
     assert "https://" not in page.text.split("<body>")[0]  # no CDN script, font or icon in the head
     script = client.get("/redoc-assets/redoc.standalone.js")
     assert script.status_code == 200 and "cdn.redoc.ly" not in script.text and "Redoc" in script.text
+
+
+def test_a_jpeg_damaged_in_the_middle_is_400(client, photo):
+    damaged = bytearray(photo)
+    damaged[len(photo) // 2 : len(photo) // 2 + 2000] = bytes(2000)  # Pillow alone would decode grey blocks
+    error = assert_error(post_image(client, bytes(damaged)), 400, "invalid_image")
+    assert "corrupt" in error["message"]
