@@ -162,10 +162,18 @@ def _train_parser(sub) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     if not args.karpathy_split:
+        _require(args, "--train-images", "--train-captions", "--val-images", "--val-captions",
+                 alternative="--karpathy-split")
         check_coco_pair(args.train_captions, args.train_images, "--train-captions", "--train-images")
         check_coco_pair(args.val_captions, args.val_images, "--val-captions", "--val-images")
     train.main(args)
     return 0
+
+
+def _require(args: argparse.Namespace, *flags: str, alternative: str) -> None:
+    missing = [flag for flag in flags if getattr(args, flag.lstrip("-").replace("-", "_")) is None]
+    if missing:
+        raise UsageError(f"missing {' '.join(missing)}: give {' '.join(flags)}, or {alternative}")
 
 
 def _pretrain_lm_parser(sub) -> None:
@@ -180,6 +188,29 @@ def _pretrain_lm_parser(sub) -> None:
                         captioner train ... --init-from runs/lm/best.pt
                         """)
     p.set_defaults(func=lambda args: (lm.main(args), 0)[1])
+
+
+def _concepts_parser(sub) -> None:
+    from . import grounding
+
+    p = _add_parser(sub, "concepts", parents=[grounding.get_args_parser(add_help=False)],
+                    help="fit a concept head, for captions that invent fewer objects (--grounding)",
+                    description="Fit the concept head that grounded decoding uses (`--grounding`): for each COCO "
+                                "object and for 'several', how likely the photo's captions name it, learnt from "
+                                "your training photos' own captions. With it, words for objects the photo does "
+                                "not show become less likely.",
+                    examples="""
+                        captioner concepts --train-images train2017/ --train-captions captions_train2017.json \
+                            -o runs/concepts.pt
+                        captioner caption photo.jpg --grounding 1 --concepts runs/concepts.pt
+                        """)
+
+    def run(args: argparse.Namespace) -> int:
+        check_coco_pair(args.train_captions, args.train_images, "--train-captions", "--train-images")
+        grounding.main(args)
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _export_parser(sub) -> None:
@@ -247,6 +278,7 @@ def _evaluate_parser(sub) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     if not args.karpathy_split:
+        _require(args, "--images", "--captions", alternative="--karpathy-split")
         check_coco_pair(args.captions, args.images, "--captions", "--images")
     try:
         evaluate.main(args)
@@ -355,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _caption_parser(sub)
     _evaluate_parser(sub)
     _pretrain_lm_parser(sub)
+    _concepts_parser(sub)
     _export_parser(sub)
     _average_parser(sub)
     _visualize_parser(sub)

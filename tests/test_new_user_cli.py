@@ -126,6 +126,13 @@ def test_evaluate_on_a_missing_or_wrong_image_folder_names_the_argument(coco_min
         assert code == 2 and f"--images {images}" in line and expected in line, line
 
 
+def test_missing_data_flags_are_named(capsys):
+    code, _, err = run(["evaluate", "--images", "val/"], capsys)
+    assert code == 2 and "missing --captions" in one_line_error(err)
+    code, _, err = run(["train", "--output-dir", "run", "--train-images", "train/"], capsys)
+    assert code == 2 and "missing --train-captions --val-images --val-captions" in one_line_error(err)
+
+
 def test_evaluate_on_a_karpathy_split_without_its_photos_is_one_line(coco_mini, tmp_path, capsys):
     code, _, err = run(["evaluate", "--karpathy-split", str(coco_mini / "dataset_coco.json"), "--split", "val",
                         "--image-root", str(tmp_path), "--limit", "2", "--no-java", "--json", "--engine", "torch"],
