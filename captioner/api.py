@@ -189,6 +189,8 @@ def load_captioner(
     engine: str = "auto",
     quantize_decoder: bool | None = None,
     cache_dir: str | Path | None = None,
+    grounding: float = 0.0,
+    concepts: str | Path | None = None,
 ) -> Captioner:
     """Load a checkpoint (default: the shipped model) with its encoder. `pretrained_encoder=False` builds the
     backbone with random weights (tests); a fine-tuned encoder's weights always come from the checkpoint.
@@ -196,7 +198,9 @@ def load_captioner(
     `engine`: "auto" (ONNX Runtime on CPU when installed, else torch), "onnx" or "torch" (eager PyTorch, fp32
     throughout: the reference). `quantize_decoder`: None = int8 decoder with the onnx engine only; False keeps
     fp32. `cache_dir`: where exported encoder graphs are kept (default $CAPTIONER_CACHE_DIR or
-    ~/.cache/captioner)."""
+    ~/.cache/captioner). `grounding` > 0 decodes grounded in the concept head `concepts` (default: the shipped
+    one for efficientnet-lite0 at 448 px; captioner/grounding.py): object words the image does not show become
+    less likely, by this strength (1: fewer invented objects for a little CIDEr, docs/training-log.md)."""
     if path is None:  # name the setting the user actually gave, never "pass --checkpoint" to one who did
         path = default_checkpoint_path()
         if os.environ.get("CAPTIONER_CHECKPOINT") and not path.exists():
@@ -219,4 +223,11 @@ def load_captioner(
             f"{path}: preprocessing mismatch: checkpoint expects {checkpoint.preprocessing}, "
             f"backbone {checkpoint.encoder_name} provides {encoder.preprocessing}"
         )
-    return Captioner(checkpoint, encoder, device, engine, quantize_decoder, cache_dir)
+    captioner = Captioner(checkpoint, encoder, device, engine, quantize_decoder, cache_dir)
+    if grounding:
+        from .grounding import SHIPPED_CONCEPTS, grounded, load_concept_head
+
+        head = load_concept_head(concepts or SHIPPED_CONCEPTS, encoder.name, encoder.preprocessing)
+        captioner.step_decoder = grounded(captioner.step_decoder, head.to(captioner.device), captioner.vocab,
+                                          grounding)
+    return captioner

@@ -77,11 +77,19 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "torch: eager PyTorch in fp32 throughout")
     g.add_argument("--fp32-decoder", action="store_true",
                    help="with the onnx engine, keep the decoder in fp32 instead of int8")
+    g.add_argument("--grounding", type=float, default=0.0, metavar="STRENGTH",
+                   help="ground object words in what the image shows (concept head; 1: fewer invented objects "
+                        "for a little CIDEr; 0: off)")
+    g.add_argument("--concepts", type=Path, default=None,
+                   help="with --grounding: a concept head from `captioner concepts` (default: the shipped one)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine flags as load_captioner keywords."""
-    return {"engine": args.engine, "quantize_decoder": False if args.fp32_decoder else None}
+    if not math.isfinite(args.grounding) or args.grounding < 0:
+        raise SystemExit(f"--grounding {args.grounding}: give a finite number >= 0 (0: off)")
+    return {"engine": args.engine, "quantize_decoder": False if args.fp32_decoder else None,
+            "grounding": args.grounding, "concepts": args.concepts}
 
 
 def reference_cross_entropy(
