@@ -16,14 +16,15 @@ RUN apt-get update \
 WORKDIR /app
 
 # CPU wheels first: PyPI's default Linux torch wheel pulls in gigabytes of CUDA libraries this image never uses.
-# `pip install .` below then finds torch==2.14.1 / torchvision==0.29.1 already satisfied.
+# `pip install ".[train]"` below then finds torch==2.14.1 / torchvision==0.29.1 already satisfied. (The service
+# still decodes with torch; `pip install .` alone is the torch-free install, which so far runs `captioner caption`.)
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 
 COPY pyproject.toml README.md ./
 # The shipped model is package data (captioner/weights/): `pip install .` installs it with the code.
 COPY captioner ./captioner
 COPY service ./service
-RUN pip install .
+RUN pip install ".[train]"
 
 ENV CAPTIONER_DEVICE=cpu
 

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -267,3 +268,164 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The decoder's init_state / step as ONNX graphs: what the torch-free install (captioner/inference/) decodes with.
+# One graph pair per decoder (ensembles member by member); inputs and outputs in captioner/inference/onnx_decoder.py.
+
+DECODER_TOLERANCE = 1e-4  # fp32 graphs: max abs difference to torch, relative to the largest value compared
+INT8_TOLERANCE = 0.25  # int8 graphs: the same, for rounding of int8 weights and activations (captions: tests)
+
+
+class _InitGraph(torch.nn.Module):
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, features: torch.Tensor):
+        state = self.decoder.init_state(features)
+        return state.h, state.c, state.projected_features
+
+
+class _StepGraph(torch.nn.Module):
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, h, c, features, projected, location, tokens):
+        from .model import DecoderState
+
+        state = DecoderState(h, c, features, projected, h.new_ones(h.size(0), 1), location)  # beta is not read
+        logits, alpha, new = self.decoder.step(state, tokens)
+        return logits, alpha, new.h, new.c, new.beta, new.location + 0  # + 0: an output of its own, never an input
+
+
+def _probe_features(decoder: torch.nn.Module, locations: int) -> torch.Tensor:
+    """Two images' worth of features in the range real ones have (the backbones end in ReLU / ReLU6)."""
+    generator = torch.Generator().manual_seed(0)
+    return 3 * torch.rand(2, locations, decoder.config.feature_dim, generator=generator)
+
+
+def export_decoder(
+    decoder: torch.nn.Module, init_path: Path, step_path: Path, locations: int, quantize: bool = False
+) -> dict:
+    """Export one AttentionDecoder's init_state and step (opset 17, dynamic rows), int8 weights if `quantize`
+    (ONNX Runtime's dynamic quantisation, per-channel). Checked against torch on a probe batch over two steps;
+    each file is written atomically. Returns what the check measured. EngineError when it fails."""
+    from .inference.onnx_decoder import OnnxDecoder
+
+    decoder = decoder.eval().cpu()
+    features = _probe_features(decoder, locations)
+    with torch.no_grad():
+        state = decoder.init_state(features)
+        tokens = torch.tensor([5, 9], dtype=torch.long)
+        step_args = (state.h, state.c, features, state.projected_features, state.location, tokens)
+    # Wrappers in eval mode: torch.onnx.export leaves the whole module tree in the wrapper's mode afterwards.
+    graphs = [(_InitGraph(decoder).eval(), (features,), init_path, ["features"], ["h", "c", "projected"]),
+              (_StepGraph(decoder).eval(), step_args, step_path,
+               ["h", "c", "features", "projected", "location", "tokens"],
+               ["logits", "alpha", "h_out", "c_out", "beta", "location_out"])]
+    with ExitStack() as stack:
+        tmps = []
+        for module, args, path, inputs, outputs in graphs:
+            tmp = stack.enter_context(atomic_path(path, suffix=".onnx.tmp"))
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(module, args, str(tmp), opset_version=OPSET, dynamo=False,
+                                      input_names=inputs, output_names=outputs,
+                                      dynamic_axes={name: {0: "rows"} for name in inputs + outputs})
+                if quantize:
+                    _quantize_graph(tmp)
+            except Exception as exc:
+                raise EngineError(f"exporting the decoder to ONNX failed: {type(exc).__name__}: {exc}") from exc
+            tmps.append(tmp)
+        diff = _check_decoder(decoder, OnnxDecoder(*tmps), features, INT8_TOLERANCE if quantize else DECODER_TOLERANCE)
+    return {"max_rel_diff": diff, "quantized": quantize}
+
+
+def _quantize_graph(path: Path) -> None:
+    """In place: int8 weights for the graph's matrix products (activations quantised on the fly, per tensor)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_name(path.name + ".int8")
+    try:
+        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+        os.replace(quantized, path)
+    finally:
+        quantized.unlink(missing_ok=True)
+
+
+def _check_decoder(decoder: torch.nn.Module, graphs, features: torch.Tensor, tolerance: float) -> float:
+    """Two steps of the graphs against torch's init_state / step: the largest difference of logits, alpha, beta,
+    h and c, each relative to its largest magnitude. Above `tolerance`: EngineError."""
+    worst = 0.0
+    with torch.no_grad():
+        state = decoder.init_state(features)
+        array_state = graphs.init_state(features.numpy())
+        pairs = [(state.h, array_state.h), (state.c, array_state.c),
+                 (state.projected_features, array_state.projected_features)]
+        tokens = torch.tensor([1, 1])
+        for _ in range(2):
+            logits, alpha, state = decoder.step(state, tokens)
+            got_logits, got_alpha, array_state = graphs.step(array_state, tokens.numpy())
+            pairs += [(logits, got_logits), (alpha, got_alpha), (state.beta, array_state.beta),
+                      (state.h, array_state.h), (state.c, array_state.c)]
+            tokens = logits.argmax(1)  # the torch model's words, fed to both
+        for expected, got in pairs:
+            diff = float(np.abs(got - expected.numpy()).max()) / max(1e-6, float(expected.abs().max()))
+            worst = max(worst, diff if np.isfinite(diff) else float("inf"))
+    print(f"captioner: exported the decoder to ONNX: max relative difference to torch {worst:.2e} "
+          f"(tolerance {tolerance:.0e})", file=sys.stderr)
+    if worst > tolerance:
+        raise EngineError(f"the decoder's ONNX graphs differ from torch by {worst:.2e} (> {tolerance:.0e}): refused")
+    return worst
+
+
+def export_bundle(checkpoint_path: str | Path, folder: str | Path, quantize: bool = True) -> dict:
+    """Every graph the torch-free install needs for a checkpoint, in `folder` (captioner/inference/captioner.py
+    reads it): the encoder (fp32), each decoder member's init/step (int8 weights if `quantize`), and manifest.json
+    (vocabulary, preprocessing, grid, the files' sha256) written last, atomically. Returns the manifest."""
+    from .checkpoint import load_checkpoint
+    from .ensemble import EnsembleDecoder
+    from .inference.captioner import BUNDLE_FORMAT, BUNDLE_VERSION
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    folder = Path(folder)
+    encoder = Encoder(checkpoint.encoder_name, pretrained=checkpoint.encoder_state is None,
+                      image_size=checkpoint.preprocessing.image_size)
+    if checkpoint.encoder_state is not None:
+        encoder.cnn.load_state_dict(checkpoint.encoder_state)
+    encoder_meta = export_encoder(encoder.eval(), GraphFiles(folder / "encoder.onnx", folder / "encoder.json"))
+    grid = encoder_meta["grid"]
+    decoder = checkpoint.decoder.float().eval()
+    members = list(decoder.members) if isinstance(decoder, EnsembleDecoder) else [decoder]
+    entries = []
+    for i, member in enumerate(members):
+        names = {"init": f"decoder{i}-init.onnx", "step": f"decoder{i}-step.onnx"}
+        check = export_decoder(member, folder / names["init"], folder / names["step"], grid[0] * grid[1], quantize)
+        entries.append({**names, "config": member.config.to_json(), "max_rel_diff": check["max_rel_diff"]})
+    (folder / "encoder.json").unlink(missing_ok=True)  # its content is in the manifest
+    files = ["encoder.onnx", *(e[k] for e in entries for k in ("init", "step"))]
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "name": Path(checkpoint_path).stem,
+        "checkpoint_sha256": _file_sha256(Path(checkpoint_path)),
+        "encoder": "encoder.onnx",
+        "backbone": checkpoint.encoder_name,
+        "encoder_max_abs_diff": encoder_meta["max_abs_diff"],
+        "preprocessing": checkpoint.preprocessing.to_json(),
+        "grid": grid,
+        "quantized": quantize,
+        "members": entries,
+        "vocab": list(checkpoint.vocab.itos),
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "sha256": {name: _file_sha256(folder / name) for name in files},
+    }
+    with atomic_path(folder / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    return manifest

@@ -1,0 +1,143 @@
+"""The torch-free install: the decoder's init_state / step exported to ONNX (matching torch's step on real photos),
+the shipped model's graphs (captioner/weights/onnx/, up to date, same captions as torch), and `captioner caption`
+in a process where importing torch fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.api import default_checkpoint_path, load_captioner
+from captioner.checkpoint import load_checkpoint
+from captioner.engine import DECODER_TOLERANCE, export_bundle, export_decoder
+from captioner.inference import BundleError, load_bundle, shipped_bundle_path
+from captioner.inference.captioner import file_sha256
+from captioner.inference.onnx_decoder import OnnxDecoder
+from captioner.options import recommended_options
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _val_photos(coco_mini: Path, n: int) -> list[Path]:
+    return sorted((coco_mini / "val").glob("*.jpg"))[:n]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_captioner(default_checkpoint_path({}), engine="torch")  # eager fp32: the reference
+
+
+def test_onnx_step_matches_torch_step_on_real_photos(shipped, coco_mini, tmp_path):
+    """fp32 graphs against AttentionDecoder.init_state / step, 8 steps on the torch model's own words, 3 photos:
+    logits, alpha, beta, h and c within DECODER_TOLERANCE of torch, relative to each output's largest value."""
+    decoder = shipped.decoder
+    features = shipped.encode([shipped.open(p) for p in _val_photos(coco_mini, 3)])  # (3, 196, 1280)
+    export_decoder(decoder, tmp_path / "init.onnx", tmp_path / "step.onnx", features.size(1))
+    graphs = OnnxDecoder(tmp_path / "init.onnx", tmp_path / "step.onnx")
+    with torch.no_grad():
+        state = decoder.init_state(features)
+        array_state = graphs.init_state(features.numpy())
+        tokens = torch.full((3,), shipped.vocab.start_id)
+        for _ in range(8):
+            logits, alpha, state = decoder.step(state, tokens)
+            got_logits, got_alpha, array_state = graphs.step(array_state, tokens.numpy())
+            for expected, got in [(logits, got_logits), (alpha, got_alpha), (state.beta, array_state.beta),
+                                  (state.h, array_state.h), (state.c, array_state.c)]:
+                assert got.shape == tuple(expected.shape)
+                diff = np.abs(got - expected.numpy()).max() / expected.abs().max().item()
+                assert diff < DECODER_TOLERANCE, diff
+            tokens = logits.argmax(1)
+
+
+def test_both_engines_caption_12_photos_alike(shipped, coco_mini, tmp_path):
+    """The same captions (and log p) from torch and from ONNX Runtime, fp32 graphs and the shipped int8 ones,
+    with the recommended decoding (beam 2, no repeated bigram), and greedy."""
+    photos = _val_photos(coco_mini, 12)
+    expected = shipped.caption(photos)
+    export_bundle(default_checkpoint_path({}), tmp_path / "fp32", quantize=False)
+    for bundle in (load_bundle(tmp_path / "fp32"), load_bundle()):
+        got = bundle.caption(photos)
+        assert [r.caption for r in got] == [r.caption for r in expected], bundle.folder
+        for g, e in zip(got, expected, strict=True):
+            assert g.candidates[0].alphas.shape == tuple(e.candidates[0].alphas.shape)
+            # int8 rounding moves log p a little: per word, within 0.01 (fp32: the same to float rounding)
+            tolerance = 0.01 if bundle.quantized else 1e-4
+            assert abs(g.candidates[0].mean_log_prob - e.candidates[0].mean_log_prob) < tolerance
+    greedy = recommended_options(method="greedy", no_repeat_ngram_size=0)
+    assert [r.caption for r in load_bundle(tmp_path / "fp32").caption(photos[:4], greedy)] == \
+        [r.caption for r in shipped.caption(photos[:4], greedy)]
+
+
+def test_shipped_graphs_are_those_of_the_shipped_model():
+    """Rebuild with `python scripts/export_onnx_bundle.py` when the shipped checkpoint changes."""
+    manifest = json.loads((shipped_bundle_path() / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] == file_sha256(default_checkpoint_path({}))
+    checkpoint = load_checkpoint(default_checkpoint_path({}))
+    assert manifest["vocab"] == checkpoint.vocab.itos
+    assert manifest["preprocessing"] == json.loads(json.dumps(checkpoint.preprocessing.to_json()))
+    assert sum((shipped_bundle_path() / f).stat().st_size for f in manifest["sha256"]) < 30e6  # the repo stays small
+
+
+def test_a_damaged_bundle_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(shipped_bundle_path(), folder)
+    step = folder / "decoder0-step.onnx"
+    step.write_bytes(step.read_bytes()[:1000])
+    with pytest.raises(BundleError, match="decoder0-step.onnx: damaged"):
+        load_bundle(folder)
+    with pytest.raises(BundleError, match="no exported graphs"):
+        load_bundle(tmp_path)
+
+
+BLOCK_TORCH = '''
+import sys
+
+class BlockTorch:
+    """Any `import torch` fails, as in an install without it."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, BlockTorch())
+'''
+
+
+def test_captioner_caption_runs_without_torch(coco_mini, tmp_path):
+    """The `captioner` entry point in a process that cannot import torch: `caption` works from the shipped graphs
+    (same caption as in-process), everything else says which install it needs."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("CAPTIONER_BUNDLE", None)
+    photo = _val_photos(coco_mini, 1)[0]
+    script = textwrap.dedent(f"""
+        import sys
+        from captioner.inference.cli import main
+        code = main(["caption", {str(photo)!r}, "--json"])
+        assert "torch" not in sys.modules and "captioner.api" not in sys.modules, "torch was imported"
+        sys.exit(code)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    line = json.loads(run.stdout)
+    assert line["image"] == str(photo)
+    assert line["caption"] == load_bundle().caption(photo).caption
+    assert "import torch" not in run.stderr
+
+    blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert blocked.returncode != 0  # the blocker works
+    train = subprocess.run([sys.executable, "-c", "import sys; from captioner.inference.cli import main; "
+                            "sys.exit(main(['train']))"], env=env, capture_output=True, text=True, timeout=60)
+    assert train.returncode == 2
+    assert train.stderr.strip().splitlines() == [
+        'captioner train: needs PyTorch, which this install leaves out: pip install "captioner[train]"']
