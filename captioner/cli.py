@@ -143,6 +143,36 @@ def _skip_line(path: Path, reason: str, as_json: bool) -> tuple[str, object]:
     return f"{path}: skipped: {reason}", sys.stderr
 
 
+def _caption_batch_parser(sub) -> None:
+    p = sub.add_parser("caption-batch", help="caption a large collection on a Ray cluster, resumably",
+                       description="Caption a folder tree (or .txt lists of paths) with Ray Data: one loaded model "
+                                   "per worker, results written to OUT as JSONL part files as batches finish. "
+                                   "Run it again after an interruption: finished photos are not redone. Needs "
+                                   "pip install 'captioner[ray]'.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="folders, image files or .txt path lists")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder of part-*.jsonl result files")
+    p.add_argument("--workers", type=int, default=1, help="actors, each with one loaded model")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="CPU cores each actor uses (and reserves)")
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster (ray://HOST:10001, or HOST:6379 on a node); default $RAY_ADDRESS, "
+                        "else a local cluster started here")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model pass (and per part file)")
+    p.set_defaults(func=_run_caption_batch)
+
+
+def _run_caption_batch(args: argparse.Namespace) -> int:
+    from .batch import caption_batch
+
+    if args.workers < 1 or args.batch_size < 1:
+        print("captioner caption-batch: error: --workers and --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    summary = caption_batch(args.inputs, args.output, workers=args.workers, address=args.address,
+                            batch_size=args.batch_size, checkpoint=args.checkpoint,
+                            threads_per_worker=args.threads_per_worker)
+    return 1 if summary.captioned == 0 and summary.already_done == 0 and summary.errors else 0
+
+
 def _train_parser(sub) -> None:
     p = _add_parser(sub, "train", parents=[train.get_args_parser(add_help=False)], help="train a captioner",
                     description="Train a captioner on your photos and their captions (COCO-format files, or a "
@@ -385,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _caption_parser(sub)
+    _caption_batch_parser(sub)
     _evaluate_parser(sub)
     _pretrain_lm_parser(sub)
     _concepts_parser(sub)
