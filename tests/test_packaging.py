@@ -21,9 +21,11 @@ SOURCES = ("pyproject.toml", "README.md", "captioner", "service")
 
 
 def running_package_folders() -> list[str]:
-    """Where the interpreter running the tests finds its installed packages: a venv's, or the system's."""
+    """Where the interpreter running the tests finds its installed packages: a venv's, or the system's, and any
+    package folder a .pth file put on its path (never the checkout: that would hide what the wheel installs)."""
     paths = sysconfig.get_paths()
-    return list(dict.fromkeys([paths["purelib"], paths["platlib"], *site.getsitepackages()]))
+    added = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    return list(dict.fromkeys([paths["purelib"], paths["platlib"], *site.getsitepackages(), *added]))
 
 
 def test_wheel_carries_the_shipped_model_and_captions_from_another_folder(tmp_path, coco_mini, shipped_checkpoint):
