@@ -10,6 +10,8 @@ module ever has to match the code that loads it. Writes are atomic: a killed run
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
 import tempfile
@@ -61,8 +63,11 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     file is fsynced, made readable by all (0644, not mkstemp's 0600) and renamed over `path` (atomic on POSIX);
     otherwise it is removed and `path` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise _write_error(exc, path) from exc
     os.close(fd)
     tmp = Path(name)
     try:
@@ -71,14 +76,30 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
             os.fsync(f.fileno())
         tmp.chmod(0o644)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(exc, path) from exc
     finally:
         tmp.unlink(missing_ok=True)
 
 
+# What a full disk, a quota or a read-only folder raises: the message then names the file that was being written.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _write_error(exc: OSError, path: Path) -> OSError:
+    if exc.errno not in DISK_ERRORS:
+        return exc
+    return OSError(exc.errno, f"cannot write {path}: {exc.strerror}; {path.name} is unchanged")
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` that a killed process can never leave half-written (`atomic_path`)."""
+    """`torch.save` that a killed process can never leave half-written (`atomic_path`). Serialised in memory
+    first (a checkpoint is tens of MB): torch's own file writer reports a full disk as an obscure RuntimeError
+    ("unexpected pos"), Python's write as ENOSPC, which `atomic_path` turns into a message naming the file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def save_checkpoint(

@@ -106,6 +106,38 @@ class FeatureStore:
         return [int(i) for i, s in zip(self.index["image_ids"], self.status, strict=True) if s == FAILED]
 
 
+def cache_damage(folder: Path, image_ids: Sequence[int] | None = None) -> str | None:
+    """Why a cache folder cannot be trusted (None: it can): an index that does not parse or lists other images,
+    a features or status file that is missing, truncated, of another shape or type, or status values that mean
+    nothing. Reads the headers and the small status array only, never the features themselves."""
+    try:
+        index = json.loads((folder / "index.json").read_text())
+        rows = len(index["image_ids"])
+        shape = (rows, index["grid"][0] * index["grid"][1], index["feature_dim"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"unreadable index.json: {exc}"
+    if image_ids is not None and [int(i) for i in index["image_ids"]] != [int(i) for i in image_ids]:
+        return "index.json lists other images"
+    try:
+        with open(folder / "features.npy", "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            header_shape, _, dtype = read_header(f)
+            data_start = f.tell()
+        size = (folder / "features.npy").stat().st_size
+        status = np.load(folder / "status.npy")
+    except (OSError, ValueError, EOFError) as exc:
+        return f"unreadable features.npy or status.npy: {exc}"
+    if header_shape != shape or dtype != np.float16:
+        return f"features.npy holds {dtype} {header_shape}, not float16 {shape}"
+    if size != data_start + int(np.prod(shape)) * 2:
+        return f"features.npy is {size} bytes, not {data_start + int(np.prod(shape)) * 2} (truncated?)"
+    if status.shape != (rows,) or status.dtype != np.int8 or not np.isin(status, (TODO, DONE, FAILED)).all():
+        return f"status.npy holds {status.dtype} {status.shape}, not int8 ({rows},) of 0/1/2"
+    return None
+
+
 def _feature_engine(encoder: Encoder, engine: str, n_images: int):
     if engine == "auto" and n_images < AUTO_ONNX_MIN_IMAGES and not GraphFiles.for_encoder(encoder).graph.is_file():
         engine = "torch"  # too few images to pay for an export
@@ -147,6 +179,10 @@ def build_feature_store(
         prepare_cpu_inference()
     encoder.eval()
     index_file, features_file, status_file = folder / "index.json", folder / "features.npy", folder / "status.npy"
+    if index_file.exists() and (damage := cache_damage(folder, [r.image_id for r in records])) is not None:
+        log.warning("feature cache %s is damaged (%s): encoding it again", folder, damage)
+        for file in (index_file, features_file, status_file):  # the index first: its absence means "start over"
+            file.unlink(missing_ok=True)
     if not index_file.exists():
         grid = encoder.grid_size()
         index = {

@@ -33,7 +33,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from . import scst
-from .checkpoint import Checkpoint, CheckpointError, average_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    DISK_ERRORS,
+    Checkpoint,
+    CheckpointError,
+    average_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .coco import (
     CaptionDataset,
     ImageCaptionDataset,
@@ -423,6 +430,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return run_training(args, env, device, progress)
     except KeyboardInterrupt:
         raise TrainingInterrupted(progress.interrupted(args.output_dir)) from None
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        # A full disk or a read-only output folder: one line; every file was written atomically, so what was
+        # already on disk (last.pt included) is intact and --resume continues once there is room.
+        where = f": {exc.filename}" if exc.filename else ""
+        raise SystemExit(f"captioner train: error: {exc.strerror}{where}") from None
     finally:
         shutdown(env)
 
