@@ -12,12 +12,12 @@ import io
 import json
 import logging
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .vocab import Vocabulary
 
@@ -164,6 +164,66 @@ class CaptionDataset(Dataset):
         image_id, ids, mirrored = self.items[index]
         name, store = self.stores[self.view_of(index)]
         return store.get(image_id), torch.tensor(mirrored if "flip" in name else ids, dtype=torch.long)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A batch at once (the DataLoader calls this with a batch sampler's indices): each (view, image) is read
+        from the cache once, however many of its captions the batch holds: with image-major batches
+        (`ImageMajorBatchSampler`) a photo's features are read once per epoch instead of once per caption."""
+        read: dict[tuple[int, int], torch.Tensor] = {}
+        out = []
+        for index in indices:
+            image_id, ids, mirrored = self.items[index]
+            view = self.view_of(index)
+            if (view, image_id) not in read:
+                read[view, image_id] = self.stores[view][1].get(image_id)
+            name = self.stores[view][0]
+            out.append((read[view, image_id], torch.tensor(mirrored if "flip" in name else ids, dtype=torch.long)))
+        return out
+
+    def image_groups(self) -> list[list[int]]:
+        """Item indices grouped by photo (a photo's captions are consecutive items), in item order."""
+        groups: list[list[int]] = []
+        for index, (image_id, _, _) in enumerate(self.items):
+            if groups and self.items[groups[-1][0]][0] == image_id:
+                groups[-1].append(index)
+            else:
+                groups.append([index])
+        return groups
+
+
+class ImageMajorBatchSampler(Sampler[list[int]]):
+    """Batches that hold all the captions of their photos: photos shuffled by (seed, epoch), then packed in that
+    order into batches of at most `batch_size` captions (a photo is never split; COCO's 5-7 captions per photo
+    leave batches a few captions short at most). The loss is normalised by each batch's tokens, so the shorter
+    batches weigh their captions as a full one does. Under DDP the processes take turns over one list of
+    batches, cut to a multiple of the world size (as DistributedSampler pads, this drops at most world-1)."""
+
+    def __init__(self, dataset: CaptionDataset, batch_size: int, seed: int = 0, epoch: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.groups = dataset.image_groups()
+        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
+        self.rank, self.world_size = rank, world_size
+
+    def batches(self) -> list[list[int]]:
+        order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for g in order.tolist():
+            group = self.groups[g]
+            if current and len(current) + len(group) > self.batch_size:
+                batches.append(current)
+                current = []
+            current = current + group
+        if current:
+            batches.append(current)
+        usable = len(batches) - len(batches) % self.world_size if len(batches) >= self.world_size else len(batches)
+        return batches[:usable][self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
 
 
 class ImageCaptionDataset(Dataset):
