@@ -88,7 +88,7 @@ class MicroBatcher(Generic[T, R]):
         run: Callable[[list[T]], Sequence[R | BaseException]],
         max_batch: int = 8,
         max_wait_ms: float = 10.0,
-        max_queue: int = 256,
+        max_queue: int = 64,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")

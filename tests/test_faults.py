@@ -184,7 +184,7 @@ def tiny_disk(tmp_path) -> Iterator[callable]:
 
     yield mount
     for folder in mounts:
-        subprocess.run(["umount", str(folder)], check=False)
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)  # lazy: training's log may still be open
 
 
 def test_full_disk_leaves_the_previous_checkpoint_whole(tiny_disk):
