@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                # CPU: well under 2 minutes
     python benchmarks/train_throughput.py --device cuda  # adds fp32 vs bf16/fp16 AMP and a full-COCO epoch estimate
+    python benchmarks/train_throughput.py --cache-io 2000  # feature-cache reads: caption-major vs image-major
 
 Compares, with the same decoder (E=256, H=512, A=256, V=10,000 like full COCO at min count 5, captions of 12
 tokens + START/END): cached 14x14x1280 features vs the efficientnet-lite0 encoder in the loop (448 px images),
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from captioner.encoder import Encoder, prepare_cpu_inference
+from captioner.features import FeatureStore
 from captioner.model import AttentionDecoder, CaptionerConfig, caption_loss
 
 COCO_TRAIN_CAPTIONS = 591_753  # captions_train2017.json
@@ -107,12 +109,104 @@ def ddp_cpu_seconds(world: int, batch_size: int, steps: int) -> float:
         return float(Path(out).read_text())
 
 
+def _synthetic_cache(folder: Path, photos: int, captions_per_photo: int):
+    """A real cache folder (captioner.features layout) of `photos` random 14x14x1280 fp16 rows, and records
+    with `captions_per_photo` random 12-word captions each."""
+    import json
+
+    import numpy as np
+
+    from captioner.coco import ImageRecord
+    from captioner.features import DONE
+
+    folder.mkdir(parents=True)
+    features = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float16, shape=(photos, L, D))
+    rng = np.random.default_rng(0)
+    for start in range(0, photos, 256):
+        rows = features[start : start + 256]
+        rows[:] = rng.standard_normal(rows.shape, dtype=np.float32).astype(np.float16)
+    features.flush()
+    del features
+    np.save(folder / "status.npy", np.full(photos, DONE, dtype=np.int8))
+    (folder / "index.json").write_text(json.dumps({"grid": [14, 14], "image_ids": list(range(photos))}))
+    words = [f"w{i}" for i in range(200)]
+    records = [ImageRecord(i, Path(f"{i}.jpg"), tuple(" ".join(rng.choice(words, 12))
+                                                      for _ in range(captions_per_photo))) for i in range(photos)]
+    return records, words
+
+
+class _CountingStore(FeatureStore):
+    reads = 0
+
+    def get(self, image_id: int) -> torch.Tensor:
+        self.reads += 1
+        return super().get(image_id)
+
+
+def _drop_page_cache(store) -> None:
+    """Evict the cache file from memory: unmap this process's pages of it, then drop them from the page cache
+    (clean pages, so the kernel honours POSIX_FADV_DONTNEED). The next read of any row goes to the disk."""
+    import mmap
+
+    store.features._mmap.madvise(mmap.MADV_DONTNEED)
+    fd = os.open(store.folder / "features.npy", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cache_read_rates(photos: int, batch_size: int, captions_per_photo: int = 5) -> list[tuple[str, float, float]]:
+    """Captions/s and GB read of one epoch of the training DataLoader alone (no model), caption-major vs
+    image-major batches, over a synthetic cache with the page cache dropped after every batch: the regime of a
+    cache far larger than RAM (full COCO's 59 GB), where a row is gone before its photo's next caption comes."""
+    from torch.utils.data import DataLoader
+
+    from captioner.coco import CaptionDataset, ImageMajorBatchSampler, collate_captions
+    from captioner.vocab import Vocabulary
+
+    out = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("CACHE_BENCH_DIR")) as tmp:
+        records, words = _synthetic_cache(Path(tmp) / "cache", photos, captions_per_photo)
+        vocab = Vocabulary.build([" ".join(words)], min_count=1)
+        for label in ("caption-major (shuffled captions)", "image-major (--batching image)"):
+            store = _CountingStore(Path(tmp) / "cache")
+            dataset = CaptionDataset(records, store, vocab)
+            if label.startswith("image"):
+                loader = DataLoader(dataset, batch_sampler=ImageMajorBatchSampler(dataset, batch_size),
+                                    collate_fn=collate_captions)
+            else:
+                loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_captions)
+            _drop_page_cache(store)
+            start = time.perf_counter()
+            for _ in loader:
+                _drop_page_cache(store)
+            seconds = time.perf_counter() - start
+            out.append((label, len(dataset) / seconds, store.reads * L * D * 2 / 1e9))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache-io", type=int, default=0, metavar="PHOTOS",
+                   help="instead: time the cache reads of one epoch over PHOTOS synthetic photos (490 KiB each, "
+                        "5 captions), caption-major vs image-major, page cache dropped after every batch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     args = p.parse_args()
+    if args.cache_io:
+        batch = args.batch_size or 32
+        print(f"training DataLoader alone, {args.cache_io} synthetic photos x 5 captions, 14x14x1280 fp16 rows "
+              f"({args.cache_io * L * D * 2 / 1e9:.2f} GB), batch {batch}, page cache dropped after every batch")
+        rates = cache_read_rates(args.cache_io, batch)
+        print(f"{'batching':<36} {'captions/s':>11} {'GB read':>8} {'vs caption-major':>17}")
+        for label, rate, gb in rates:
+            print(f"{label:<36} {rate:>11.1f} {gb:>8.2f} {rate / rates[0][1]:>16.2f}x")
+        for label, rate, _ in rates:
+            print(f"full COCO epoch ({COCO_TRAIN_CAPTIONS:,} captions) if reading were the bottleneck, {label}: "
+                  f"{COCO_TRAIN_CAPTIONS / rate / 3600:.2f} h per loader process")
+        return
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_size or (128 if cuda else 32)
