@@ -28,7 +28,7 @@ from .coco import caption_image_ids, load_caption_texts
 from .encoder import Encoder, Preprocessing, get_backbone
 from .model import AttentionDecoder, caption_loss
 from .train import add_model_arguments, config_from_args
-from .utils import optimizer_step, set_seed, setup_logging
+from .utils import optimizer_step, set_seed, setup_logging, stop_logging
 from .vocab import Vocabulary
 
 log = logging.getLogger("captioner.lm")
@@ -106,6 +106,14 @@ def load_lm_text(text_files: Sequence[Path], val_captions_files: Sequence[Path])
 def main(args: argparse.Namespace) -> dict[str, float]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir / "lm.log")
+    try:
+        return pretrain(args)
+    finally:
+        stop_logging()
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, float]:
+    """Train the decoder as a language model on caption text; writes lm.pt and lm_metrics.jsonl."""
     set_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     corpus = load_lm_text(args.text + args.train_captions, args.val_captions)

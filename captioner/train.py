@@ -76,6 +76,7 @@ from .utils import (
     rng_state,
     set_seed,
     setup_logging,
+    stop_logging,
 )
 from .vocab import Vocabulary
 
@@ -442,6 +443,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         where = f": {exc.filename}" if exc.filename else ""
         raise SystemExit(f"captioner train: error: {exc.strerror}{where}") from None
     finally:
+        stop_logging()
         shutdown(env)
 
 

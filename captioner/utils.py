@@ -36,13 +36,10 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params:
 
 
 def setup_logging(log_file: Path, env: DistributedEnv = SINGLE_PROCESS) -> None:
-    """Rank 0 logs to `log_file` and the terminal; other ranks only print warnings."""
+    """Rank 0 logs to `log_file` and the terminal; other ranks only print warnings. `stop_logging` undoes it."""
     root = logging.getLogger("captioner")
     root.setLevel(logging.INFO if env.is_main else logging.WARNING)
-    for h in list(root.handlers):
-        if getattr(h, "_captioner", False):
-            root.removeHandler(h)
-            h.close()
+    stop_logging()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if env.is_main:
@@ -51,6 +48,17 @@ def setup_logging(log_file: Path, env: DistributedEnv = SINGLE_PROCESS) -> None:
         handler.setFormatter(fmt)
         handler._captioner = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+
+
+def stop_logging() -> None:
+    """Detach and close the handlers `setup_logging` added: a run's log file must not outlive the run (a later
+    message in the same process, e.g. a service started after a training, would write to, or fail on, a file
+    whose folder may be gone)."""
+    root = logging.getLogger("captioner")
+    for handler in list(root.handlers):
+        if getattr(handler, "_captioner", False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def set_seed(seed: int) -> None:
