@@ -127,8 +127,9 @@ def features(shipped, coco_mini) -> torch.Tensor:
     return shipped.encode([shipped.open(coco_mini / PHOTO)])  # (1, L, D)
 
 
-# allow_subnormal=False: ONNX Runtime, loaded earlier in the session, turns on flush-to-zero for the process,
-# and hypothesis refuses to draw subnormal floats it cannot represent.
+# allow_subnormal=False: a model loaded earlier in the session (captioner.api.load_captioner ->
+# prepare_cpu_inference) turns on flush-to-zero for pytest's thread, and hypothesis refuses to draw subnormal
+# floats it cannot represent (tests/test_fuzz_service.py's `ieee_floats` turns it off instead).
 @st.composite
 def valid_options(draw) -> DecodingOptions:
     method = draw(st.sampled_from(["greedy", "sample", "beam"]))
