@@ -11,6 +11,7 @@ the bare pipeline's, measured in the same run.
     python benchmarks/load_service.py --checkpoint captioner/weights/captioner-default.pt
     python benchmarks/load_service.py --checkpoint runs/mini/best.pt --concurrency 1 4 16 --requests 32
     python benchmarks/load_service.py --untrained     # no checkpoint needed: default-size decoder, random weights
+    python benchmarks/load_service.py --engine slim   # the shipped model's exported graphs, as the slim install serves
 """
 
 from __future__ import annotations
@@ -78,21 +79,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def model_env(args: argparse.Namespace) -> dict[str, str]:
+    """The CAPTIONER_* variables that pick the model and its decoding, the same for the servers and the bare
+    pipeline."""
+    env = {**os.environ, "CAPTIONER_METHOD": args.method}
+    env.pop("CAPTIONER_CHECKPOINT", None)
+    if args.checkpoint:
+        env["CAPTIONER_CHECKPOINT"] = str(args.checkpoint)
+    if args.engine:
+        env["CAPTIONER_ENGINE"] = args.engine
+    if args.threads:
+        env["CAPTIONER_THREADS"] = str(args.threads)
+    return env
+
+
 def start_server(args: argparse.Namespace, max_batch: int, port: int) -> subprocess.Popen:
     env = {
-        **os.environ,
-        "CAPTIONER_CHECKPOINT": str(args.checkpoint),
+        **model_env(args),
         "CAPTIONER_MAX_BATCH": str(max_batch),
         "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms),
-        "CAPTIONER_METHOD": args.method,
         "CAPTIONER_MAX_QUEUE": "1024",
     }
     if args.encoder_batch:
         env["CAPTIONER_ENCODER_BATCH"] = str(args.encoder_batch)
-    if args.torch_threads:
-        env["CAPTIONER_TORCH_THREADS"] = str(args.torch_threads)
-    if args.engine:
-        env["CAPTIONER_ENGINE"] = args.engine
     command = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning"]
     process = subprocess.Popen(command, env=env, cwd=REPO)
@@ -141,14 +150,10 @@ async def run_level(base_url: str, photos: list[tuple[str, bytes]], concurrency:
 BARE = r'''
 import json, sys, time, warnings
 warnings.simplefilter("ignore")
-import torch
-from captioner.api import load_captioner
+from service.model import load_model
 from service.settings import Settings
 
-settings = Settings()  # the same CAPTIONER_* environment as the servers
-if settings.torch_threads:
-    torch.set_num_threads(settings.torch_threads)
-captioner = load_captioner(settings.checkpoint, settings.device, engine=settings.engine)
+captioner = load_model(Settings())  # the same CAPTIONER_* environment, engine and threads as the servers
 options = settings.default_decoding()
 paths, batch = json.loads(sys.argv[1]), int(sys.argv[2])
 for line in sys.stdin:
@@ -165,11 +170,7 @@ class BarePipeline:
     """The model without the service, in its own process: images/s of open + preprocess + encode + decode."""
 
     def __init__(self, args: argparse.Namespace, paths: list[Path]):
-        env = {**os.environ, "CAPTIONER_CHECKPOINT": str(args.checkpoint), "CAPTIONER_METHOD": args.method}
-        if args.engine:
-            env["CAPTIONER_ENGINE"] = args.engine
-        if args.torch_threads:
-            env["CAPTIONER_TORCH_THREADS"] = str(args.torch_threads)
+        env = model_env(args)
         self.process = subprocess.Popen([sys.executable, "-c", BARE, json.dumps([str(p) for p in paths]),
                                          str(args.batch_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, env=env, cwd=REPO)
@@ -233,8 +234,8 @@ HEADER = ("| mode                    | concurrency | requests | requests/s | p50
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path)
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", type=Path, help="default: the shipped model")
     model.add_argument("--untrained", action="store_true", help="build an untrained default-size model to load")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEG photos to upload")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -244,9 +245,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"],
                    help="beam: the service's default decoding (captioner.options.RECOMMENDED)")
-    p.add_argument("--engine", default=None, choices=["auto", "onnx", "torch"], help="default: the server's (auto)")
+    p.add_argument("--engine", default=None, choices=["auto", "slim", "onnx", "torch"],
+                   help="default: the server's (auto); slim: the exported graphs, no torch (no --checkpoint)")
     p.add_argument("--encoder-batch", type=int, default=None, help="images per CNN pass (default: the server's)")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per server (default: one a core)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per process (default: one a core)")
     return p
 
 
@@ -258,10 +260,11 @@ def main(args: argparse.Namespace) -> None:
         if args.untrained:
             captions = args.images.parent / "annotations" / "captions_train.json"
             args.checkpoint = untrained_checkpoint(Path(folder) / "untrained.pt", captions)
-        print(f"checkpoint {args.checkpoint}, {len(photos)} photos from {args.images}, method {args.method}, "
+        print(f"checkpoint {args.checkpoint or 'shipped'}, {len(photos)} photos from {args.images}, "
+              f"method {args.method}, "
               f"engine {args.engine or 'auto'}, max_wait_ms {args.max_wait_ms}, "
               f"encoder_batch {args.encoder_batch or 'default'}, "
-              f"torch_threads {args.torch_threads or 'default'}, {os.cpu_count()} CPU cores\n")
+              f"threads {args.threads or 'default'}, {os.cpu_count()} CPU cores\n")
         print(HEADER, flush=True)
         benchmark(args, photos)
 

@@ -106,6 +106,10 @@ class Captioner:
     def preprocessing(self):
         return self.encoder.preprocessing
 
+    @property
+    def encoder_name(self) -> str:
+        return self.checkpoint.encoder_name
+
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> features (B, L, D)."""
         return self.encode_pixels(torch.stack([self.preprocessing(im) for im in images]))

@@ -9,10 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+from service.serve import add_server_arguments
+
 from . import __version__, evaluate, lm, train
 from .evaluate import add_engine_arguments, engine_options
+from .inference.visualize import add_output_arguments
 from .options import add_decoding_arguments, decoding_options
-from .usage import UsageError, check_coco_pair, device_type, port_type
+from .usage import UsageError, check_coco_pair, device_type
 
 
 class _Parser(argparse.ArgumentParser):
@@ -330,25 +333,19 @@ def _visualize_parser(sub) -> None:
                         captioner visualize photos/ -o figures/ --format pdf
                         """)
     _add_input_arguments(p)
-    p.add_argument("-o", "--output", default=None,
-                   help="file (.png, .pdf, .gif) for one image, or a folder (several images, or ending in /); "
-                        "default: <stem>-attention.png here")
-    p.add_argument("--format", choices=["png", "pdf", "gif"], default=None, help="format for folder outputs")
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 ..., mps")
-    p.add_argument("--columns", type=int, default=5, help="panels per row")
-    p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
-    p.add_argument("--batch-size", type=int, default=8, help="images per pass through the model")
-    p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x h x w) and betas as JSON")
+    add_output_arguments(p)
     add_engine_arguments(p)
     add_decoding_arguments(p, num_captions=False)
     p.set_defaults(func=_run_visualize)
 
 
 def _run_visualize(args: argparse.Namespace) -> int:
-    from . import visualize
+    from .api import load_captioner
+    from .inference import visualize
 
-    return visualize.run(args)
+    return visualize.run(args, lambda: load_captioner(args.checkpoint, device=args.device, **engine_options(args)))
 
 
 def _serve_parser(sub) -> None:
@@ -361,37 +358,22 @@ def _serve_parser(sub) -> None:
                         captioner serve --host 0.0.0.0 --port 8080 --checkpoint runs/first/best.pt
                         curl -F image=@photo.jpg http://127.0.0.1:8000/v1/captions
                         """)
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    p.add_argument("--port", type=port_type, default=8000)
+    add_server_arguments(p)
     p.add_argument("--checkpoint", type=Path, default=None, help="default: $CAPTIONER_CHECKPOINT or the shipped model")
     p.add_argument("--device", default=None, help="default: $CAPTIONER_DEVICE or cpu")
-    p.add_argument("--max-batch", type=int, default=None, help="micro-batch size (1: no batching)")
-    p.add_argument("--max-wait-ms", type=float, default=None, help="how long a micro-batch waits to fill")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-    from pydantic import ValidationError
-
-    from service.app import create_app
-    from service.settings import Settings
+    from service.serve import run_server, server_settings
 
     from .api import default_checkpoint_path
 
-    given = {"checkpoint": args.checkpoint, "device": args.device, "max_batch": args.max_batch,
-             "max_wait_ms": args.max_wait_ms}
-    try:
-        settings = Settings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UsageError(f"invalid settings (flags or CAPTIONER_* variables): {problems}") from None
+    settings = server_settings(args, checkpoint=args.checkpoint, device=args.device)
     checkpoint = settings.checkpoint or default_checkpoint_path()
-    if not checkpoint.is_file():  # fail here, with one line, rather than in the server's start-up traceback
+    if settings.engine != "slim" and not checkpoint.is_file():  # one line, not a start-up traceback
         raise UsageError(f"{_checkpoint_source(args.checkpoint)} {checkpoint}: no such checkpoint file")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    return run_server(settings, args)
 
 
 def _checkpoint_source(given: Path | None) -> str:

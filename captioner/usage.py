@@ -9,8 +9,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 
 class UsageError(ValueError):
     """An argument that cannot work (a missing folder, a device this machine lacks): exit status 2, one line."""
@@ -18,6 +16,8 @@ class UsageError(ValueError):
 
 def device_type(value: str) -> str:
     """argparse `type=` for --device: a device torch knows and this machine has (cpu, cuda, cuda:1, mps)."""
+    import torch  # here: the torch-free CLI (captioner/inference/cli.py) uses this module's other checks
+
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):

@@ -14,17 +14,16 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 import captioner
-from captioner.api import load_captioner
 
 from .batching import CaptionRunner, MicroBatcher
 from .docs import app_with_offline_docs
 from .draining import DrainUnreadBody
 from .errors import install_error_handlers
+from .model import load_model
 from .routes import STATIC, api, pages, probes
 from .settings import Settings
 
@@ -34,14 +33,10 @@ logger = logging.getLogger("captioner.service")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     started = time.perf_counter()
-    model = await asyncio.to_thread(
-        load_captioner, settings.checkpoint, settings.device, settings.pretrained_encoder, settings.engine
-    )
-    logger.info("loaded %s (version %s, encoder %s) on %s in %.1f s", model.name, model.version,
-                model.checkpoint.encoder_name, settings.device, time.perf_counter() - started)
+    model = await asyncio.to_thread(load_model, settings)
+    logger.info("loaded %s (version %s, encoder %s, engine %s) on %s in %.1f s", model.name, model.version,
+                model.encoder_name, model.engine, settings.device, time.perf_counter() - started)
     runner = CaptionRunner(model, settings.resolved_encoder_batch())
     batcher = MicroBatcher(runner, settings.max_batch, settings.max_wait_ms, settings.max_queue)
     app.state.captioner = model

@@ -19,13 +19,15 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-import torch
+import numpy as np
 from PIL import Image
 
-from captioner.api import Captioner, CaptionResult
-from captioner.decoding import DecodingOptions
+from captioner.inference import CaptionResult
+from captioner.options import DecodingOptions
+
+from .model import CaptionModel
 
 logger = logging.getLogger("captioner.service")
 
@@ -203,11 +205,11 @@ class MicroBatcher(Generic[T, R]):
 
 @dataclass
 class CaptionJob:
-    pixels: torch.Tensor  # (3, S, S): the image already decoded and preprocessed, in the request's own thread
+    pixels: Any  # (3, S, S) numpy array or torch tensor: the image decoded and preprocessed in the request's thread
     options: DecodingOptions
 
     @classmethod
-    def from_image(cls, captioner: Captioner, image: Image.Image, options: DecodingOptions) -> CaptionJob:
+    def from_image(cls, captioner: CaptionModel, image: Image.Image, options: DecodingOptions) -> CaptionJob:
         """Resize + normalise here rather than in the model's thread: that work then overlaps the model's."""
         return cls(captioner.preprocessing(image), options)
 
@@ -224,7 +226,7 @@ class CaptionRunner:
     against 77-100%; docs/performance.md). The decoder always gets the whole group.
     """
 
-    def __init__(self, captioner: Captioner, encoder_batch: int = 1):
+    def __init__(self, captioner: CaptionModel, encoder_batch: int = 1):
         self.captioner = captioner
         self.encoder_batch = max(1, encoder_batch)
 
@@ -239,7 +241,7 @@ class CaptionRunner:
                 groups.setdefault(_group_key(job.options, i), []).append(i)
         for members in groups.values():
             try:
-                batch = torch.stack([features[i] for i in members])
+                batch = stack([features[i] for i in members])
                 results = self.captioner.caption_features(batch, jobs[members[0]].options)
             except Exception as exc:
                 logger.exception("decoding failed for %d image(s)", len(members))
@@ -248,23 +250,32 @@ class CaptionRunner:
                 outcomes[i] = result
         return outcomes  # type: ignore[return-value]  # every slot is filled above
 
-    def _encode(self, pixels: list[torch.Tensor]) -> list[torch.Tensor | BaseException]:
-        features: list[torch.Tensor | BaseException] = []
+    def _encode(self, pixels: list[Any]) -> list[Any]:
+        features: list[Any] = []
         for start in range(0, len(pixels), self.encoder_batch):
             features += self._encode_chunk(pixels[start : start + self.encoder_batch])
         return features
 
-    @torch.no_grad()
-    def _encode_chunk(self, pixels: list[torch.Tensor]) -> list[torch.Tensor | BaseException]:
+    def _encode_chunk(self, pixels: list[Any]) -> list[Any]:
         """One CNN pass (B, 3, S, S) -> B features (L, D); if it fails, image by image, so only the culprit
-        gets the error."""
+        gets the error (a BaseException in its place)."""
         try:
-            return list(self.captioner.encode_pixels(torch.stack(pixels)))
+            return list(self.captioner.encode_pixels(stack(pixels)))
         except Exception as exc:
             if len(pixels) == 1:
                 logger.exception("encoding failed")
                 return [exc]
         return [self._encode_chunk([one])[0] for one in pixels]
+
+
+def stack(rows: list[Any]) -> Any:
+    """Rows of one shape -> one batch along a new first axis: numpy arrays (the slim engine) or torch tensors (the
+    torch side's). Tensors only exist once torch is imported, so the import below never loads it afresh."""
+    if isinstance(rows[0], np.ndarray):
+        return np.stack(rows)
+    import torch
+
+    return torch.stack(rows)
 
 
 def _group_key(options: DecodingOptions, index: int) -> tuple:

@@ -11,10 +11,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from captioner.api import Captioner
-
 from .batching import MicroBatcher
 from .errors import ApiError
+from .model import CaptionModel
 from .settings import Settings
 
 
@@ -38,8 +37,8 @@ def get_running_batcher(request: Request) -> MicroBatcher:
     return batcher
 
 
-def get_captioner(request: Request) -> Captioner:
-    captioner: Captioner | None = getattr(request.app.state, "captioner", None)
+def get_captioner(request: Request) -> CaptionModel:
+    captioner: CaptionModel | None = getattr(request.app.state, "captioner", None)
     if captioner is None:
         raise ApiError(503, "not_ready", "the model is not loaded")
     return captioner
@@ -48,4 +47,4 @@ def get_captioner(request: Request) -> Captioner:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 RunningBatcherDep = Annotated[MicroBatcher, Depends(get_running_batcher)]
-CaptionerDep = Annotated[Captioner, Depends(get_captioner)]
+CaptionerDep = Annotated[CaptionModel, Depends(get_captioner)]

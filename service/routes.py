@@ -20,15 +20,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
-from captioner.api import Captioner
-from captioner.decoding import DecodingOptions
 from captioner.images import ImageError, open_image
-from captioner.visualize import attention_style
+from captioner.inference.visualize import attention_style
+from captioner.options import DecodingOptions
 
 from .auth import API_KEY
 from .batching import BatchResult, CaptionJob, MicroBatcher, NotRunning, Overloaded
 from .dependencies import BatcherDep, CaptionerDep, RunningBatcherDep, SettingsDep
 from .errors import ERROR_RESPONSES, IMAGE_ERRORS, ApiError
+from .model import CaptionModel
 from .schemas import (
     CandidateOut,
     CaptionParams,
@@ -121,7 +121,8 @@ def _decoding_options(params: CaptionParams, settings: Settings) -> DecodingOpti
         raise ApiError(422, "invalid_parameters", str(exc)) from None
 
 
-async def _prepare_job(captioner: Captioner, upload: Upload, max_pixels: int, options: DecodingOptions) -> CaptionJob:
+async def _prepare_job(captioner: CaptionModel, upload: Upload, max_pixels: int,
+                       options: DecodingOptions) -> CaptionJob:
     """Header check (pixel cap), decoding and preprocessing, in a thread: a big JPEG takes a while."""
     return await _read_image_in_thread(
         upload, lambda data: CaptionJob.from_image(captioner, captioner.open(data, max_pixels), options)
@@ -160,7 +161,7 @@ async def _wait_for_result(future: asyncio.Future, timeout_s: float) -> BatchRes
         raise ApiError(503, "timeout", f"no result within {timeout_s} s", headers={"Retry-After": "5"}) from None
 
 
-def _caption_response(done: BatchResult, options: DecodingOptions, captioner: Captioner, timing: TimingOut,
+def _caption_response(done: BatchResult, options: DecodingOptions, captioner: CaptionModel, timing: TimingOut,
                       with_attention: bool) -> JSONResponse:
     result = done.value
     response = CaptionResponse(
@@ -178,8 +179,9 @@ def _caption_response(done: BatchResult, options: DecodingOptions, captioner: Ca
     return JSONResponse(response.model_dump(mode="json", exclude=None if with_attention else {"attention"}))
 
 
-def _model_out(captioner: Captioner) -> ModelOut:
-    return ModelOut(name=captioner.name, version=captioner.version, encoder=captioner.checkpoint.encoder_name)
+def _model_out(captioner: CaptionModel) -> ModelOut:
+    return ModelOut(name=captioner.name, version=captioner.version, encoder=captioner.encoder_name,
+                    engine=captioner.engine)
 
 
 def _ms(seconds: float) -> float:

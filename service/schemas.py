@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from captioner.api import CaptionResult
+from captioner.inference import CaptionResult  # the torch side's has the same fields
+from captioner.inference.visualize import attention_payload
 from captioner.options import DecodingOptions, decoding_fields
-from captioner.visualize import attention_payload
 
 
 def decoding_model(name: str, doc: str, *, optional: bool = False, limits: bool = True,
@@ -76,6 +76,8 @@ class ModelOut(BaseModel):
     name: str
     version: str = Field(description="sha256 prefix of the checkpoint file")
     encoder: str
+    engine: str = Field(description="slim: the exported graphs on ONNX Runtime (no PyTorch); onnx: ONNX Runtime "
+                        "encoder and int8 decoder under PyTorch; torch: eager PyTorch")
 
 
 class GridOut(BaseModel):
@@ -84,8 +86,8 @@ class GridOut(BaseModel):
 
 
 class AttentionOut(BaseModel):
-    """The best caption's attention maps: captioner.visualize.attention_payload, the shape `captioner visualize
-    --json` writes too."""
+    """The best caption's attention maps: captioner.inference.visualize.attention_payload, the shape
+    `captioner visualize --json` writes too."""
 
     tokens: list[str] = Field(description="the best caption's words, <end> included: one map each")
     alphas: list[list[list[float]]] = Field(description="per token, a height x width map (rows of the feature "

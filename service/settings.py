@@ -27,12 +27,15 @@ class Settings(BaseSettings, DecodingDefaults):
     model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore")
 
     # Model.
-    checkpoint: Path | None = None  # None: captioner.api.default_checkpoint_path() (the shipped model)
+    # engine (service/model.py): slim = the exported graphs on ONNX Runtime, no PyTorch; onnx = the torch side's
+    # ONNX Runtime encoder + int8 decoder; torch = eager fp32 throughout. auto: onnx when PyTorch is installed or
+    # a checkpoint is given, else slim (the torch-free install).
+    engine: Literal["auto", "slim", "onnx", "torch"] = "auto"
+    checkpoint: Path | None = None  # torch side; None: captioner.api.default_checkpoint_path() (the shipped model)
+    bundle: Path | None = None  # slim; None: captioner.inference.shipped_bundle_path() (the shipped model's graphs)
     device: str = "cpu"
     pretrained_encoder: bool = True  # False only for tests that build a backbone without its weights
-    torch_threads: int | None = Field(None, ge=1)  # None: torch's default (one per core)
-    # auto: ONNX Runtime encoder + int8 decoder on CPU when onnxruntime is installed; torch: eager fp32 throughout.
-    engine: Literal["auto", "onnx", "torch"] = "auto"
+    threads: int | None = Field(None, ge=1)  # intra-op threads of torch or ONNX Runtime; None: one per core
 
     # Input limits: refused before they cost memory or CPU.
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)  # whole request body, multipart framing included

@@ -25,7 +25,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.visualize import DEFAULT_OPACITY, attention_colours, colour_index, normalize_heat, upsample_attention
+from captioner.inference.visualize import (
+    DEFAULT_OPACITY,
+    attention_colours,
+    colour_index,
+    normalize_heat,
+    upsample_attention,
+)
 from service.settings import Settings
 from tests.helpers import CHROMIUM, require_command, running_server
 
@@ -187,7 +193,7 @@ HEATMAP_INK = """(() => {
 
 
 def assert_drawn_like_the_figures(page: DevTools) -> None:
-    """The page upsamples, scales and colours a map with captioner.visualize's rule and lookup table."""
+    """The page upsamples, scales and colours a map with captioner.inference.visualize's rule and lookup table."""
     grid_map = np.array([[0.0, 1.0, 0.2], [0.6, 0.0, 0.4]], dtype=np.float32)
     ours = page.evaluate(f"Array.from(upsample({json.dumps(grid_map.tolist())}, {{height: 2, width: 3}}, 7, 5))")
     np.testing.assert_allclose(np.asarray(ours).reshape(5, 7), upsample_attention(grid_map, (7, 5)), atol=1e-6)

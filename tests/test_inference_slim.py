@@ -141,3 +141,114 @@ def test_captioner_caption_runs_without_torch(coco_mini, tmp_path):
     assert train.returncode == 2
     assert train.stderr.strip().splitlines() == [
         'captioner train: needs PyTorch, which this install leaves out: pip install "captioner[train]"']
+
+
+MODULES_AT_EXIT = '''
+import atexit, json, os, sys
+
+@atexit.register
+def _record():  # what the process had imported, for the test to read once it has stopped
+    with open(os.environ["RECORD_MODULES"], "w") as f:
+        json.dump(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "captioner")), f)
+'''
+
+
+def _torch_blocked_env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH + MODULES_AT_EXIT)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "RECORD_MODULES": str(tmp_path / "modules.json")}
+    for name in ("CAPTIONER_BUNDLE", "CAPTIONER_CHECKPOINT", "CAPTIONER_ENGINE"):
+        env.pop(name, None)
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_captioner_serve_runs_without_torch(coco_mini, tmp_path):
+    """`captioner serve` in a process that cannot import torch: a real uvicorn on 127.0.0.1 serves the shipped
+    model's graphs (engine "slim"); a real photo gets the in-process caption, with attention maps; the process never
+    loaded torch or the torch side (captioner.api)."""
+    import signal
+
+    import httpx
+
+    env = _torch_blocked_env(tmp_path)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-c", "import sys; from captioner.inference.cli import main; "
+                               f"sys.exit(main(['serve', '--port', '{port}', '--log-level', 'warning']))"],
+                              env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    photo = _val_photos(coco_mini, 2)[1]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        ready = _wait_until_ready(url, server)
+        response = httpx.post(f"{url}/v1/captions", params={"attention": True}, timeout=60,
+                              files={"image": (photo.name, photo.read_bytes(), "image/jpeg")})
+    finally:
+        server.send_signal(signal.SIGINT)  # uvicorn's graceful stop: the atexit record gets written
+        _, stderr = server.communicate(timeout=60)
+    assert ready["model"]["engine"] == "slim" and ready["model"]["encoder"] == "efficientnet-lite0"
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["caption"] == load_bundle().caption(photo).caption
+    attention = body["attention"]
+    assert len(attention["tokens"]) == len(attention["alphas"]) == len(attention["betas"]) and attention["tokens"]
+    assert all(abs(np.sum(a) - 1.0) < 1e-3 for a in attention["alphas"])
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    assert "captioner.inference" in modules and not [m for m in modules if m.startswith("torch")], modules
+    assert "captioner.api" not in modules, modules
+    assert "Traceback" not in stderr, stderr
+
+
+def _wait_until_ready(url: str, server: subprocess.Popen) -> dict:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited with {server.returncode}: {server.stderr.read()}")
+        try:
+            ready = httpx.get(f"{url}/readyz", timeout=2)
+            if ready.status_code == 200:
+                return ready.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the torch-free server was not ready within 120 s")
+
+
+def test_captioner_visualize_runs_without_torch(coco_mini, tmp_path):
+    """`captioner visualize` with torch blocked: a PNG figure and its JSON (the in-process caption, one attention
+    map per word), and a clear refusal to serve a checkpoint without torch."""
+    env = _torch_blocked_env(tmp_path)
+    photo = _val_photos(coco_mini, 1)[0]
+    figure = tmp_path / "figure.png"
+    run = subprocess.run([sys.executable, "-c", "import sys; from captioner.inference.cli import main; "
+                          f"sys.exit(main(['visualize', {str(photo)!r}, '-o', {str(figure)!r}, '--json']))"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    from PIL import Image
+
+    with Image.open(figure) as png:
+        assert png.format == "PNG" and png.width > 400
+    payload = json.loads(figure.with_suffix(".json").read_text())
+    expected = load_bundle().caption(photo)
+    assert payload["caption"] == expected.caption
+    assert len(payload["alphas"]) == len(payload["tokens"]) == len(expected.candidates[0].words)
+    assert not [m for m in json.loads((tmp_path / "modules.json").read_text()) if m.startswith("torch")]
+
+    refused = subprocess.run([sys.executable, "-c", "import sys; from captioner.inference.cli import main; "
+                              "sys.exit(main(['serve']))"], env={**env, "CAPTIONER_CHECKPOINT": str(tmp_path / "x.pt")},
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"captioner serve: error: the checkpoint {tmp_path / 'x.pt'} needs PyTorch, which this install leaves out: "
+        'pip install "captioner[train]" (or serve the shipped model\'s exported graphs: leave CAPTIONER_CHECKPOINT '
+        'unset)']

@@ -167,7 +167,7 @@ def test_attention_maps_for_every_word(client, photo):
 
 
 def test_page_gets_the_figures_colour_ramp(client):
-    from captioner.visualize import DEFAULT_OPACITY, attention_colours
+    from captioner.inference.visualize import DEFAULT_OPACITY, attention_colours
 
     style = client.get("/attention-style.json").json()
     assert np.array_equal(np.asarray(style["colours"]), attention_colours())

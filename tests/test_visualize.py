@@ -13,7 +13,7 @@ from PIL import Image
 from captioner.api import load_captioner
 from captioner.cli import main
 from captioner.images import open_image
-from captioner.visualize import (
+from captioner.inference.visualize import (
     attention_grids,
     attention_overlays,
     attention_payload,

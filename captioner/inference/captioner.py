@@ -104,7 +104,11 @@ class SlimCaptioner:
         self.decoder = members[0] if len(members) == 1 else OnnxEnsemble(members)
         self.name = manifest.get("name", "captioner")
         self.version = manifest.get("checkpoint_sha256", "")[:12]
-        self.engine = "onnx"
+        self.engine = "slim"  # exported graphs on ONNX Runtime (the torch side's engines: "onnx", "torch")
+
+    @property
+    def encoder_name(self) -> str:
+        return self.manifest["backbone"]
 
     def open(self, source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         """`open_image` at no more resolution than this model uses (big JPEGs decode at reduced scale)."""
@@ -112,7 +116,11 @@ class SlimCaptioner:
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB PIL images -> features (B, L, D)."""
-        return self.encoder(np.stack([self.preprocessing(im) for im in images]))
+        return self.encode_pixels(np.stack([self.preprocessing(im) for im in images]))
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed images (B, 3, S, S) float32 -> features (B, L, D)."""
+        return self.encoder(pixels)
 
     def caption(self, images, options: DecodingOptions | None = None, **decoding):
         """One image (PIL image or path: one result) or a list of them (a list of results)."""

@@ -1,6 +1,6 @@
 """The `captioner` command's entry point: the full CLI (captioner/cli.py) when PyTorch is installed; in the
-torch-free install, `captioner caption` on the shipped model's exported graphs (captioner/weights/onnx/) and a
-one-line answer naming the full install for everything else."""
+torch-free install, `captioner caption`, `visualize` and `serve` on the shipped model's exported graphs
+(captioner/weights/onnx/, or --bundle) and a one-line answer naming the full install for everything else."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import json
 import sys
 from pathlib import Path
 
+from service.serve import add_server_arguments
+
 from ..imagefiles import emit, find_images, progress_bar, read_batches
 from ..options import add_decoding_arguments, decoding_options
+from ..usage import UsageError
+from .visualize import add_output_arguments
+
+SLIM_COMMANDS = ("caption", "visualize", "serve")
 
 FULL_INSTALL = 'pip install "captioner[train]"'  # what brings torch back (README: "Serve without PyTorch")
 
@@ -31,24 +37,63 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption image files or folders",
                        description="One line, or one JSON object, per image, from the shipped model's exported "
                                    "graphs (or --bundle). Unreadable images: a line each, then exit status 1.")
+    _add_input_arguments(p)
+    p.add_argument("--batch-size", type=int, default=16, help="images per pass through the encoder")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    add_decoding_arguments(p)
+    p.set_defaults(func=run_caption)
+
+    p = sub.add_parser("visualize", help="draw where the model looked for each word",
+                       description="Caption images and draw each word's attention map over the photo: a PNG or "
+                                   "PDF figure, or an animated GIF (by the extension of -o).")
+    _add_input_arguments(p)
+    add_output_arguments(p)
+    add_decoding_arguments(p, num_captions=False)
+    p.set_defaults(func=run_visualize)
+
+    p = sub.add_parser("serve", help="serve the captioner over HTTP",
+                       description="The HTTP service on the shipped model's exported graphs (or --bundle): a web "
+                                   "page at /, the API at POST /v1/captions, its docs at /docs. Other settings "
+                                   "come from CAPTIONER_* environment variables (docs/service.md).")
+    add_server_arguments(p)
+    p.add_argument("--bundle", type=Path, default=None, help="a folder of exported graphs (default: the shipped "
+                   "model's, or $CAPTIONER_BUNDLE)")
+    p.set_defaults(func=run_serve)
+    return parser
+
+
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", type=Path, help="image files or folders of them")
     p.add_argument("--recursive", action="store_true", help="also look for images in the folders' subfolders")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr")
     p.add_argument("--bundle", type=Path, default=None,
                    help="a folder of exported graphs (default: the shipped model's)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per pass through the encoder")
-    p.add_argument("--json", action="store_true", help="one JSON object per image")
-    add_decoding_arguments(p)
-    return parser
 
 
 def slim_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] not in ("caption", "-h", "--help"):
+    if argv and argv[0] not in (*SLIM_COMMANDS, "-h", "--help"):
         print(f"captioner {argv[0]}: needs PyTorch, which this install leaves out: {FULL_INSTALL}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    return run_caption(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_visualize(args: argparse.Namespace) -> int:
+    from . import visualize
+    from .captioner import load_bundle
+
+    return visualize.run(args, lambda: load_bundle(args.bundle))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from service.serve import run_server, server_settings
+
+    return run_server(server_settings(args, bundle=args.bundle), args)
 
 
 def run_caption(args: argparse.Namespace) -> int:

@@ -179,7 +179,7 @@ function showWord(index) {
   drawHeatmap(attention.alphas[page.word], attention.grid);
 }
 
-// Attention maps are drawn as captioner.visualize draws its figures: the map (h x w) upsampled bilinearly onto the
+// Attention maps are drawn as captioner.inference.visualize draws its figures: the map (h x w) upsampled bilinearly onto the
 // whole displayed photo (the model saw the whole photo squashed to a square, so the grid spans it whatever its
 // aspect ratio), scaled by its own peak, coloured through the figures' lookup table and blended at their
 // opacity. The table and the opacity come from the server (/attention-style.json), so there is one ramp.
@@ -211,7 +211,7 @@ function drawHeatmap(alphas, grid) {
 }
 
 // alphas (h x w nested arrays) -> Float32Array of height * width, row-major: bilinear with half-pixel centres,
-// the numbers of captioner.visualize.upsample_attention (PyTorch's interpolate, align_corners=False).
+// the numbers of captioner.inference.visualize.upsample_attention (PyTorch's interpolate, align_corners=False).
 function upsample(alphas, grid, width, height) {
   const out = new Float32Array(width * height);
   const axis = (size, cells) => {

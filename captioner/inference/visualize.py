@@ -10,7 +10,9 @@ Attention maps are drawn one way, here and on the service's web page (service/st
   over the photo at 50% opacity. The page fetches this table and the opacity from the service
   (/attention-style.json) and upsamples the same way in JavaScript.
 
-The maths lives in small pure functions; the figure / GIF / JSON writers and `captioner visualize` sit on top.
+The maths lives in small pure functions on numpy arrays; the figure / GIF / JSON writers and `captioner visualize`
+sit on top. Nothing here imports torch (it is part of the torch-free install, see captioner/inference/): the torch
+engine's tensors are taken as they come, through `np.asarray`.
 
 Shape legend: T generated words (END included, START excluded), L = h * w attention locations, (h, w) the
 feature grid; a photo's size is (height, width) in pixels. Sizes passed to PIL are (width, height), arrays are
@@ -24,22 +26,21 @@ import json
 import math
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from numpy.typing import ArrayLike  # numpy arrays (the slim engine), torch tensors, lists
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import ImageError
+from ..images import ImageError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .api import CaptionResult
+    from .captioner import CaptionResult
 
 FORMATS = ("png", "pdf", "gif")
 DEFAULT_COLUMNS = 5
@@ -55,9 +56,9 @@ GIF_FRAME_MS = 700
 # The maths: pure functions on arrays (shared with the service).
 
 
-def attention_grids(alphas: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+def attention_grids(alphas: ArrayLike, grid: tuple[int, int]) -> np.ndarray:
     """alphas (T, L) -> (T, h, w) float32. L is row-major over the grid, like the encoder's flatten."""
-    a = alphas.detach().float().cpu().numpy() if isinstance(alphas, torch.Tensor) else np.asarray(alphas)
+    a = _numpy(alphas)
     h, w = grid
     if a.ndim != 2 or a.shape[1] != h * w:
         raise ValueError(f"alphas of shape {tuple(a.shape)} do not fit a {h}x{w} grid (expected (T, {h * w}))")
@@ -72,9 +73,24 @@ def upsample_attention(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarra
     to the image's own W x H puts every cell back where it came from, whatever the aspect ratio.
     """
     width, height = size
-    t = torch.as_tensor(np.asarray(grid_map, dtype=np.float32))[None, None]  # (1, 1, h, w)
-    up = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
-    return up[0, 0].clamp_(min=0).numpy()
+    grid_map = np.asarray(grid_map, dtype=np.float32)
+    rows = _bilinear_weights(grid_map.shape[0], height)  # (height, h)
+    columns = _bilinear_weights(grid_map.shape[1], width)  # (width, w)
+    return np.maximum(rows @ grid_map @ columns.T, 0.0).astype(np.float32)
+
+
+def _bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) linear-interpolation matrix with half-pixel centres, as PyTorch's interpolate(mode="bilinear",
+    align_corners=False): output i samples the input at (i + 0.5) * n_in / n_out - 0.5, clamped to the edges."""
+    source = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * np.float32(n_in / n_out)
+                        - np.float32(0.5), 0.0)
+    lower = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+    upper = np.minimum(lower + 1, n_in - 1)
+    frac = (source - lower).astype(np.float32)
+    weights = np.zeros((n_out, n_in), dtype=np.float32)
+    np.add.at(weights, (np.arange(n_out), lower), 1.0 - frac)
+    np.add.at(weights, (np.arange(n_out), upper), frac)
+    return weights
 
 
 def normalize_heat(heat: np.ndarray) -> np.ndarray:
@@ -118,7 +134,7 @@ def overlay(image: Image.Image | np.ndarray, heat: np.ndarray, cmap: str = DEFAU
     return (rgb * (1.0 - opacity) + colours * opacity).round().astype(np.uint8)
 
 
-def attention_overlays(image: Image.Image, alphas: torch.Tensor | np.ndarray, grid: tuple[int, int],
+def attention_overlays(image: Image.Image, alphas: ArrayLike, grid: tuple[int, int],
                        cmap: str = DEFAULT_CMAP, opacity: float = DEFAULT_OPACITY) -> list[np.ndarray]:
     """One blended RGB array (height, width, 3) per generated word, at the image's own size."""
     return [
@@ -127,7 +143,7 @@ def attention_overlays(image: Image.Image, alphas: torch.Tensor | np.ndarray, gr
     ]
 
 
-def attention_payload(words: Sequence[str], alphas: torch.Tensor | np.ndarray, betas: torch.Tensor | Sequence[float],
+def attention_payload(words: Sequence[str], alphas: ArrayLike, betas: ArrayLike,
                       grid: tuple[int, int], decimals: int = 5) -> dict:
     """JSON-ready weights: {"tokens", "alphas" (T x h x w nested lists), "betas" (T), "grid" {"height", "width"}}.
     What `--json` writes and what the service returns for a web page to draw the overlays itself."""
@@ -145,11 +161,17 @@ def attention_payload(words: Sequence[str], alphas: torch.Tensor | np.ndarray, b
     }
 
 
-def _floats(values: torch.Tensor | Sequence[float]) -> list[float]:
-    """betas (T,) or (T, 1), tensor or list -> T Python floats."""
-    if isinstance(values, torch.Tensor):
-        return values.detach().float().cpu().reshape(-1).tolist()
-    return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+def _floats(values: ArrayLike) -> list[float]:
+    """betas (T,) or (T, 1), array, tensor or list -> T Python floats."""
+    return [float(v) for v in _numpy(values).astype(np.float64).reshape(-1)]
+
+
+def _numpy(values: ArrayLike) -> np.ndarray:
+    """A numpy array of a numpy array, a list, or a torch tensor (the torch engine's results), without importing
+    torch: this module is part of the torch-free install."""
+    if hasattr(values, "detach"):  # a torch tensor, perhaps on a GPU or in bfloat16
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values)
 
 
 def display_image(image: Image.Image, max_side: int) -> Image.Image:
@@ -170,8 +192,8 @@ def _text(s: str) -> str:
     return s.replace("$", r"\$")  # a lone "$" would switch matplotlib to mathtext
 
 
-def render_figure(image: Image.Image, words: Sequence[str], alphas: torch.Tensor | np.ndarray,
-                  betas: torch.Tensor | Sequence[float], grid: tuple[int, int], caption: str | None = None,
+def render_figure(image: Image.Image, words: Sequence[str], alphas: ArrayLike,
+                  betas: ArrayLike, grid: tuple[int, int], caption: str | None = None,
                   columns: int = DEFAULT_COLUMNS, max_side: int = FIGURE_MAX_SIDE, panel_width: float = 2.6,
                   cmap: str = DEFAULT_CMAP) -> Figure:
     """The paper's figure: the photo, then one panel per word (END included) with its attention overlaid and
@@ -224,8 +246,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def gif_frames(image: Image.Image, words: Sequence[str], alphas: torch.Tensor | np.ndarray,
-               betas: torch.Tensor | Sequence[float], grid: tuple[int, int], max_side: int = GIF_MAX_SIDE,
+def gif_frames(image: Image.Image, words: Sequence[str], alphas: ArrayLike,
+               betas: ArrayLike, grid: tuple[int, int], max_side: int = GIF_MAX_SIDE,
                cmap: str = DEFAULT_CMAP) -> list[Image.Image]:
     """One RGB frame per word: the overlay above a strip reading "word   beta = 0.53   t/T"."""
     shown = display_image(image, max_side)
@@ -248,7 +270,7 @@ def gif_frames(image: Image.Image, words: Sequence[str], alphas: torch.Tensor | 
 
 
 def save_visualization(path: str | Path, image: Image.Image, words: Sequence[str],
-                       alphas: torch.Tensor | np.ndarray, betas: torch.Tensor | Sequence[float],
+                       alphas: ArrayLike, betas: ArrayLike,
                        grid: tuple[int, int], caption: str | None = None, columns: int = DEFAULT_COLUMNS,
                        dpi: int = 100) -> Path:
     """Write a figure (.png, .pdf) or an animated GIF (.gif, one frame per word), chosen by the extension."""
@@ -269,7 +291,19 @@ def save_visualization(path: str | Path, image: Image.Image, words: Sequence[str
 
 
 # --------------------------------------------------------------------------------------------------------------
-# `captioner visualize` (the parser lives in cli.py).
+# `captioner visualize` (its parsers: captioner/cli.py, and cli.py here in the torch-free install).
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """The figure flags of `captioner visualize`, in both CLIs (captioner/cli.py, captioner/inference/cli.py)."""
+    p.add_argument("-o", "--output", default=None,
+                   help="file (.png, .pdf, .gif) for one image, or a folder (several images, or ending in /); "
+                        "default: <stem>-attention.png here")
+    p.add_argument("--format", choices=list(FORMATS), default=None, help="format for folder outputs")
+    p.add_argument("--columns", type=int, default=DEFAULT_COLUMNS, help="panels per row")
+    p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pass through the model")
+    p.add_argument("--json", action="store_true", help="also write tokens, alphas (T x h x w) and betas as JSON")
 
 
 def plan_outputs(images: Sequence[Path], out: str | None, fmt: str | None = None,
@@ -311,13 +345,13 @@ def _unique(stems: list[Path], fmt: str) -> list[Path]:
     return paths
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, load_captioner: Callable[[], Any]) -> int:
     """Caption each image (folders expanded, in batches), write its figure (and JSON), print what was written as
-    each batch finishes. Exit 1 if any image failed, 2 on bad arguments; the good images are rendered either way."""
-    from .api import load_captioner
-    from .evaluate import engine_options
-    from .imagefiles import emit, find_images, output_names, progress_bar, read_batches
-    from .options import decoding_options
+    each batch finishes. Exit 1 if any image failed, 2 on bad arguments; the good images are rendered either way.
+    `load_captioner()` gives the model: the torch side's (captioner/cli.py) or the exported graphs' (cli.py here);
+    both have the same `caption`."""
+    from ..imagefiles import emit, find_images, output_names, progress_bar, read_batches
+    from ..options import decoding_options
 
     images, skipped = find_images(args.images, args.recursive)
     try:
@@ -330,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"captioner visualize: error: {exc}", file=sys.stderr)
         return 2
-    captioner = load_captioner(args.checkpoint, device=args.device, **engine_options(args))
+    captioner = load_captioner()
     out_path = dict(zip(images, outputs, strict=True))
     failures = 0
     with progress_bar(len(images), args.progress) as bar:
