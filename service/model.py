@@ -51,12 +51,12 @@ class CaptionModel(Protocol):
 
 def load_model(settings: Settings) -> CaptionModel:
     """The model the settings name; ModelLoadError if this install cannot run it."""
-    if resolve_engine(settings) == "slim":
+    if serving_engine(settings) == "slim":
         return _load_slim(settings)
     return _load_torch_side(settings)
 
 
-def resolve_engine(settings: Settings) -> str:
+def serving_engine(settings: Settings) -> str:
     """What `auto` means here: "slim" or the torch side's engine ("auto", "onnx", "torch"). ModelLoadError, in one
     line, for settings this install cannot serve (`captioner serve` checks before it starts the server)."""
     if settings.engine == "slim" or (settings.engine == "auto" and settings.checkpoint is None

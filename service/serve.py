@@ -29,7 +29,7 @@ def server_settings(args: argparse.Namespace, **given: object) -> Settings:
     what this install cannot serve (a checkpoint without PyTorch)."""
     from pydantic import ValidationError
 
-    from .model import ModelLoadError, resolve_engine
+    from .model import ModelLoadError, serving_engine
     from .settings import Settings
 
     given |= {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
@@ -39,7 +39,7 @@ def server_settings(args: argparse.Namespace, **given: object) -> Settings:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"invalid settings (flags or CAPTIONER_* variables): {problems}") from None
     try:
-        resolve_engine(settings)
+        serving_engine(settings)
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from None
     return settings

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from captioner import engine as engine_module
-from captioner.api import load_captioner
+from captioner.api import default_checkpoint_path, load_captioner
 from captioner.decoding import RECOMMENDED, DecodingOptions, generate
 from captioner.encoder import Encoder
 from captioner.engine import (
@@ -27,8 +27,10 @@ from captioner.engine import (
     resolve_engine,
 )
 from captioner.images import ImageError, open_image
+from captioner.inference import SlimCaptioner
 from captioner.int8_decoder import Int8LstmDecoder, quantize_decoder_for_cpu
 from captioner.model import AttentionDecoder
+from service.model import ModelLoadError, load_model, serving_engine
 from service.settings import Settings
 from tests.helpers import running_server, tiny_config
 
@@ -384,3 +386,18 @@ def test_a_caption_does_not_depend_on_its_batch_mates(shipped_fast, coco_mini):
     together = [r.caption for r in shipped_fast.caption(paths)]
     reversed_batch = [r.caption for r in shipped_fast.caption(paths[::-1])][::-1]
     assert alone == together == reversed_batch
+
+
+def test_the_service_loads_the_engine_its_settings_name(monkeypatch):
+    """engine slim: the exported graphs (SlimCaptioner) even with torch installed; a checkpoint or a GPU with it
+    is refused in one line; auto with torch installed stays on the torch side."""
+    for name in ("CAPTIONER_ENGINE", "CAPTIONER_CHECKPOINT", "CAPTIONER_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    slim = load_model(Settings(engine="slim"))
+    assert isinstance(slim, SlimCaptioner) and slim.engine == "slim" and slim.encoder_name == "efficientnet-lite0"
+    assert slim.version == load_captioner(default_checkpoint_path({}), engine="torch").version
+    with pytest.raises(ModelLoadError, match="not the checkpoint"):
+        load_model(Settings(engine="slim", checkpoint=default_checkpoint_path({})))
+    with pytest.raises(ModelLoadError, match="runs on the CPU, not cuda"):
+        load_model(Settings(engine="slim", device="cuda"))
+    assert serving_engine(Settings()) == "auto"

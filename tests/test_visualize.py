@@ -70,6 +70,22 @@ def test_upsampled_map_is_image_sized_and_smooth(result):
     assert shown.max() == pytest.approx(1.0) and shown.min() >= 0
 
 
+@pytest.mark.parametrize("grid,size", [((14, 14), (640, 422)), ((14, 14), (427, 640)), ((7, 9), (5, 3)),
+                                       ((14, 14), (14, 14)), ((2, 3), (17, 1000)), ((14, 14), (1, 1))])
+def test_upsampling_is_pytorchs_bilinear_without_torch(result, grid, size):
+    """The numpy upsampling (the torch-free install draws with it) gives torch's interpolate(bilinear,
+    align_corners=False) numbers: enlarging, shrinking, odd grids, one pixel."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = grid
+    real = attention_grids(result.candidates[0].alphas, result.grid)[0]
+    grid_map = real if grid == result.grid else np.random.default_rng(h * w).random(grid).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(grid_map)[None, None], size=(size[1], size[0]), mode="bilinear",
+                             align_corners=False)[0, 0].clamp(min=0).numpy()
+    np.testing.assert_allclose(upsample_attention(grid_map, size), expected, rtol=0, atol=2e-6)
+
+
 def test_non_square_image_keeps_its_aspect_ratio(captioner, photo):
     wide = photo.resize((640, 320))  # 2:1, unlike any COCO photo
     res = captioner.caption([wide], max_length=4)[0]

