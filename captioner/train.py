@@ -21,8 +21,11 @@ import argparse
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,6 +400,7 @@ class Progress:
     epoch: int | None = None
     step: int = 0
     steps: int = 0
+    ctrl_c: bool = False  # set by the SIGINT handler of `noticing_ctrl_c`
 
     def count(self, loader: DataLoader) -> _CountedLoader:
         """`loader`, counting its batches into `step`."""
@@ -422,8 +426,30 @@ class _CountedLoader:
 
     def __iter__(self) -> Iterator:
         for batch in self.loader:
+            if self.progress.ctrl_c:
+                raise KeyboardInterrupt
             self.progress.step += 1
             yield batch
+
+
+@contextmanager
+def noticing_ctrl_c(progress: Progress) -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt as always, and is also remembered in `progress.ctrl_c`, which the loader
+    checks before every batch. Python drops an exception raised while a destructor runs ("Exception ignored
+    in ..."), so a Ctrl-C landing there was lost and the run went on to its last epoch (seen once in CI)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame) -> None:
+        progress.ctrl_c = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -432,7 +458,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     env, device = init_distributed(args.device)
     progress = Progress()
     try:
-        return run_training(args, env, device, progress)
+        with noticing_ctrl_c(progress):
+            return run_training(args, env, device, progress)
     except KeyboardInterrupt:
         raise TrainingInterrupted(progress.interrupted(args.output_dir)) from None
     except OSError as exc:
@@ -494,6 +521,8 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
         if state.bad_epochs >= args.patience:
             log.info("early stop: %d epochs without a better %s", state.bad_epochs, args.monitor)
             break
+        if progress.ctrl_c:  # a Ctrl-C whose KeyboardInterrupt was dropped (see noticing_ctrl_c)
+            raise KeyboardInterrupt
         started = time.time()
         progress.epoch, progress.step, progress.steps = epoch, 0, 0
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}

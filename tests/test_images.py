@@ -81,3 +81,41 @@ def test_decompression_bomb_refused_before_decoding():
     with pytest.raises(ImageError) as err:
         open_image(data, max_pixels=50_000_000)
     assert err.value.kind == "too_large" and "over the limit" in str(err.value)
+
+
+def _pillow_decode(data: bytes, draft_size: int | None = None) -> np.ndarray:
+    """The reference: Pillow's own JPEG decoder (draft like open_image's), EXIF orientation applied."""
+    from PIL import ImageOps
+
+    image = Image.open(io.BytesIO(data))
+    if draft_size:
+        image.draft("RGB", (draft_size, draft_size))
+    return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+@pytest.mark.parametrize("name", ["000000024585.jpg", "000000113588.jpg"])
+@pytest.mark.parametrize("size", [None, (4000, 3000), (1300, 900)])
+def test_jpeg_pixels_match_pillows_decoder(coco_mini, name, size):
+    """open_image decodes a JPEG in one strict simplejpeg pass: the pixels must be Pillow's, at full size and at
+    the reduced DCT scale a big photo is decoded at, so that neither engine's captions move."""
+    data = (coco_mini / "val" / name).read_bytes()
+    if size:
+        data = _bytes(Image.open(io.BytesIO(data)).convert("RGB").resize(size), "JPEG", quality=90)
+    got = np.asarray(open_image(data, draft_size=448 if size else None))
+    want = _pillow_decode(data, draft_size=448 if size else None)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    assert size is None or 448 <= min(got.shape[:2]) < min(size) / 1.5  # scaled, never below the input side
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_like_pillow(photo, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _bytes(photo.resize((96, 64)), "JPEG", exif=exif.tobytes())
+    assert np.array_equal(np.asarray(open_image(data)), _pillow_decode(data))
+
+
+def test_grayscale_jpeg_matches_pillow(photo):
+    data = _bytes(photo.convert("L"), "JPEG")
+    image = open_image(data)
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), _pillow_decode(data))

@@ -1,5 +1,6 @@
 import argparse
 import math
+import time
 
 import pytest
 import torch
@@ -130,3 +131,25 @@ def test_fine_tuning_the_encoder_bypasses_the_cache_and_ships_its_weights(tmp_pa
     captioner = load_captioner(out / "last.pt", pretrained_encoder=False)
     torch.testing.assert_close(captioner.encoder.cnn.state_dict()["net._conv_head.weight"],
                                ckpt.encoder_state["net._conv_head.weight"])
+
+
+def test_a_ctrl_c_dropped_inside_a_destructor_still_stops_training():
+    """Python drops a KeyboardInterrupt raised while a destructor runs; training must stop at the next batch."""
+    import os
+    import signal
+
+    from captioner.train import Progress, noticing_ctrl_c
+
+    class InterruptedWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands while this destructor runs
+            time.sleep(0.2)
+
+    progress = Progress()
+    with pytest.raises(KeyboardInterrupt), noticing_ctrl_c(progress):
+        victim = InterruptedWhileCollected()
+        del victim  # "Exception ignored in ...": the KeyboardInterrupt is gone
+        assert progress.ctrl_c
+        for _ in progress.count([1, 2, 3]):
+            pytest.fail("a batch was handed out after Ctrl-C")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
