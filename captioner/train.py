@@ -401,6 +401,19 @@ class Progress:
     step: int = 0
     steps: int = 0
     ctrl_c: bool = False  # set by the SIGINT handler of `noticing_ctrl_c`
+    deferring: bool = False
+
+    @contextmanager
+    def uninterrupted(self) -> Iterator[None]:
+        """A Ctrl-C in here takes effect when the block is done: last.pt and the epoch's metrics row are written
+        together, so that a resumed run finds every finished epoch's row (a Ctrl-C between the two lost it)."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.ctrl_c:
+            raise KeyboardInterrupt
 
     def count(self, loader: DataLoader) -> _CountedLoader:
         """`loader`, counting its batches into `step`."""
@@ -435,15 +448,18 @@ class _CountedLoader:
 @contextmanager
 def noticing_ctrl_c(progress: Progress) -> Iterator[None]:
     """Ctrl-C raises KeyboardInterrupt as always, and is also remembered in `progress.ctrl_c`, which the loader
-    checks before every batch. Python drops an exception raised while a destructor runs ("Exception ignored
-    in ..."), so a Ctrl-C landing there was lost and the run went on to its last epoch (seen once in CI)."""
-    if threading.current_thread() is not threading.main_thread():
+    checks before every batch: Python drops an exception raised while a destructor runs ("Exception ignored
+    in ..."), so a Ctrl-C landing there would be lost and the run would go on to its last epoch. Inside
+    `progress.uninterrupted()` it only sets the flag. A process started with SIGINT ignored (a background job)
+    keeps ignoring it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         yield
         return
 
     def on_sigint(signum, frame) -> None:
         progress.ctrl_c = True
-        raise KeyboardInterrupt
+        if not progress.deferring:
+            raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
@@ -550,10 +566,11 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
                                 metrics=best_metrics, encoder_state=encoder_state)
             if args.average_best:
                 state.top_epochs = _keep_top_epoch(state.top_epochs, score, epoch, args, decoder, vocab, encoder)
-            save_checkpoint(args.output_dir / "last.pt", decoder, vocab, encoder.name, encoder.preprocessing,
-                            metrics=best_metrics, training=state.state_dict(), encoder_state=encoder_state)
-            with metrics_file.open("a") as f:  # after the checkpoint: a logged epoch is always resumable
-                f.write(json.dumps(row) + "\n")
+            with progress.uninterrupted():
+                save_checkpoint(args.output_dir / "last.pt", decoder, vocab, encoder.name, encoder.preprocessing,
+                                metrics=best_metrics, training=state.state_dict(), encoder_state=encoder_state)
+                with metrics_file.open("a") as f:  # after the checkpoint: a logged epoch is always resumable
+                    f.write(json.dumps(row) + "\n")
     if env.is_main:
         plot_training_curves(metrics_file, args.output_dir / "training_curves.png")
         if args.average_best and state.top_epochs:

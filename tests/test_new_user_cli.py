@@ -74,8 +74,11 @@ def test_train_refuses_an_output_dir_holding_a_run_unless_resume_or_overwrite(da
 def test_ctrl_c_during_training_prints_one_line_exits_130_and_resume_continues(data, tmp_path):
     out = tmp_path / "run"
     argv = train_argv(data, out, tmp_path / "cache", epochs=1000, patience=1000)
+    # SIGINT at its default in the child, as in a terminal's foreground job: a shell starts background jobs (a CI
+    # script's `&`) with it ignored, and Python then keeps ignoring Ctrl-C.
     process = subprocess.Popen([sys.executable, "-m", "captioner", "train", *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()

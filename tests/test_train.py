@@ -1,5 +1,7 @@
 import argparse
 import math
+import os
+import signal
 import time
 
 import pytest
@@ -12,6 +14,7 @@ from captioner.decoding import DecodingOptions, generate
 from captioner.encoder import Encoder
 from captioner.images import open_image
 from captioner.model import AttentionDecoder, caption_loss
+from captioner.train import Progress, noticing_ctrl_c
 from captioner.vocab import Vocabulary
 from tests.helpers import metrics_rows, save_tiny_checkpoint, tiny_config, train_args
 
@@ -135,10 +138,6 @@ def test_fine_tuning_the_encoder_bypasses_the_cache_and_ships_its_weights(tmp_pa
 
 def test_a_ctrl_c_dropped_inside_a_destructor_still_stops_training():
     """Python drops a KeyboardInterrupt raised while a destructor runs; training must stop at the next batch."""
-    import os
-    import signal
-
-    from captioner.train import Progress, noticing_ctrl_c
 
     class InterruptedWhileCollected:
         def __del__(self):
@@ -146,10 +145,28 @@ def test_a_ctrl_c_dropped_inside_a_destructor_still_stops_training():
             time.sleep(0.2)
 
     progress = Progress()
-    with pytest.raises(KeyboardInterrupt), noticing_ctrl_c(progress):
-        victim = InterruptedWhileCollected()
-        del victim  # "Exception ignored in ...": the KeyboardInterrupt is gone
-        assert progress.ctrl_c
-        for _ in progress.count([1, 2, 3]):
-            pytest.fail("a batch was handed out after Ctrl-C")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may ignore it)
+    try:
+        with pytest.raises(KeyboardInterrupt), noticing_ctrl_c(progress):
+            victim = InterruptedWhileCollected()
+            del victim  # "Exception ignored in ...": the KeyboardInterrupt is gone
+            assert progress.ctrl_c
+            for _ in progress.count([1, 2, 3]):
+                pytest.fail("a batch was handed out after Ctrl-C")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_ctrl_c_while_last_pt_and_the_metrics_row_are_written_waits_for_both():
+    progress, written = Progress(), []
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), noticing_ctrl_c(progress), progress.uninterrupted():
+            written.append("last.pt")
+            signal.raise_signal(signal.SIGINT)
+            written.append("metrics row")
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert written == ["last.pt", "metrics row"]
+
