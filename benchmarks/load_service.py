@@ -153,7 +153,8 @@ warnings.simplefilter("ignore")
 from service.model import load_model
 from service.settings import Settings
 
-captioner = load_model(Settings())  # the same CAPTIONER_* environment, engine and threads as the servers
+settings = Settings()  # the same CAPTIONER_* environment, engine and threads as the servers
+captioner = load_model(settings)
 options = settings.default_decoding()
 paths, batch = json.loads(sys.argv[1]), int(sys.argv[2])
 for line in sys.stdin:
