@@ -72,14 +72,16 @@ def open_image(
         )
     if width == 0 or height == 0:
         raise ImageError(f"{name}: image has no pixels")
+    # One decision for both JPEG decoders below: a reduced DCT scale only where it keeps both sides >= draft_size.
+    scaled_to = draft_size if draft_size and min(width, height) >= 2 * draft_size else None
     if image.format == "JPEG":
-        decoded = _decode_jpeg(source, image, name, draft_size)
+        decoded = _decode_jpeg(source, image, name, scaled_to)
         if decoded is not None:
             return decoded
     try:
         image.seek(0)  # first frame of GIF/WebP/APNG animations
-        if draft_size and image.format == "JPEG" and min(width, height) >= 2 * draft_size:
-            image.draft("RGB", (draft_size, draft_size))  # before load(); EXIF still applies below
+        if scaled_to and image.format == "JPEG":
+            image.draft("RGB", (scaled_to, scaled_to))  # before load(); EXIF still applies below
         image.load()
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
@@ -87,21 +89,19 @@ def open_image(
         raise ImageError(f"{name}: corrupt or truncated image data ({exc})") from exc
 
 
-def _decode_jpeg(data: bytes, header: Image.Image, name: str, draft_size: int | None) -> Image.Image | None:
+def _decode_jpeg(data: bytes, header: Image.Image, name: str, scaled_to: int | None) -> Image.Image | None:
     """A JPEG in one strict libjpeg-turbo pass (simplejpeg): the same pixels as Pillow's decoder (checked in
     tests/test_images.py), with damaged data refused in the same pass instead of a second, checking one (which
-    cost a 12 MP photo ~40% of its decode). The scaled decode keeps both sides >= draft_size, as Pillow's `draft`
-    does. None when simplejpeg declines a file that is not damaged (CMYK, or a harmless warning such as
-    extraneous bytes before a marker): Pillow decodes those."""
-    width, height = header.size
-    scaled = bool(draft_size) and min(width, height) >= 2 * draft_size
+    cost a 12 MP photo ~40% of its decode). `scaled_to`: decode at the smallest DCT scale keeping both sides
+    >= it, as Pillow's `draft` does. None when simplejpeg declines a file that is not damaged (CMYK, or a
+    harmless warning such as extraneous bytes before a marker): Pillow decodes those."""
     try:
         array = simplejpeg.decode_jpeg(
             data,
             colorspace="RGB",
-            min_height=draft_size if scaled else 0,
-            min_width=draft_size if scaled else 0,
-            min_factor=2 if scaled else 1,
+            min_height=scaled_to or 0,
+            min_width=scaled_to or 0,
+            min_factor=2 if scaled_to else 1,
             strict=True,
         )
     except ValueError as exc:

@@ -403,6 +403,11 @@ class Progress:
     ctrl_c: bool = False  # set by the SIGINT handler of `noticing_ctrl_c`
     deferring: bool = False
 
+    def stop_if_ctrl_c(self) -> None:
+        """Raise the KeyboardInterrupt of a Ctrl-C that was deferred or dropped (see `noticing_ctrl_c`)."""
+        if self.ctrl_c:
+            raise KeyboardInterrupt
+
     @contextmanager
     def uninterrupted(self) -> Iterator[None]:
         """A Ctrl-C in here takes effect when the block is done: last.pt and the epoch's metrics row are written
@@ -412,8 +417,7 @@ class Progress:
             yield
         finally:
             self.deferring = False
-        if self.ctrl_c:
-            raise KeyboardInterrupt
+        self.stop_if_ctrl_c()
 
     def count(self, loader: DataLoader) -> _CountedLoader:
         """`loader`, counting its batches into `step`."""
@@ -439,8 +443,7 @@ class _CountedLoader:
 
     def __iter__(self) -> Iterator:
         for batch in self.loader:
-            if self.progress.ctrl_c:
-                raise KeyboardInterrupt
+            self.progress.stop_if_ctrl_c()
             self.progress.step += 1
             yield batch
 
@@ -537,8 +540,7 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
         if state.bad_epochs >= args.patience:
             log.info("early stop: %d epochs without a better %s", state.bad_epochs, args.monitor)
             break
-        if progress.ctrl_c:  # a Ctrl-C whose KeyboardInterrupt was dropped (see noticing_ctrl_c)
-            raise KeyboardInterrupt
+        progress.stop_if_ctrl_c()  # SCST epochs have no counted loader
         started = time.time()
         progress.epoch, progress.step, progress.steps = epoch, 0, 0
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
