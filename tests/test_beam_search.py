@@ -210,3 +210,20 @@ def test_beam_search_usually_beats_greedy_on_real_photos(real, length_penalty):
                  for g, b in zip(greedy, beam, strict=True)]
         assert sum(gain >= -1e-5 for gain in gains) >= 0.75 * len(gains), gains
         assert sum(gains) / len(gains) > 0, gains
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_beam_candidates_are_the_k_best_ties_to_the_lower_index(k):
+    """`_topk` (beam search's candidate choice): the k largest of each row, best first, a tie going to the lower
+    index, as a stable sort would give them; -inf (blocked words) last."""
+    import numpy as np
+
+    from captioner.inference.decoding import _topk
+
+    rng = np.random.default_rng(k)
+    x = rng.integers(-3, 3, size=(5, 40)).astype(np.float32)  # many ties
+    x[0, :38] = -np.inf
+    values, index = _topk(x, k)
+    expected = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    assert (index == expected).all()
+    assert (values == np.take_along_axis(x, expected, axis=1)).all()

@@ -36,17 +36,21 @@ def shipped():
     return load_captioner(default_checkpoint_path({}), engine="torch")  # eager fp32: the reference
 
 
-def test_onnx_step_matches_torch_step_on_real_photos(shipped, coco_mini, tmp_path):
-    """fp32 graphs against AttentionDecoder.init_state / step, 8 steps on the torch model's own words, 3 photos:
-    logits, alpha, beta, h and c within DECODER_TOLERANCE of torch, relative to each output's largest value."""
+@pytest.mark.parametrize("rows_per_photo", [1, 2])
+def test_onnx_step_matches_torch_step_on_real_photos(shipped, coco_mini, tmp_path, rows_per_photo):
+    """fp32 graphs against AttentionDecoder.init_state / step, 8 steps on the torch model's own words, 3 photos
+    with one row each (greedy) and two (as beam 2 runs them): logits, alpha, beta, h and c within
+    DECODER_TOLERANCE of torch, relative to each output's largest value. The shipped kind's step is exported
+    regrouped (captioner.engine._SoftLstmStepGraph), so this checks the regrouping too."""
     decoder = shipped.decoder
     features = shipped.encode([shipped.open(p) for p in _val_photos(coco_mini, 3)])  # (3, 196, 1280)
     export_decoder(decoder, tmp_path / "init.onnx", tmp_path / "step.onnx", features.size(1))
     graphs = OnnxDecoder(tmp_path / "init.onnx", tmp_path / "step.onnx")
+    rows = torch.arange(3).repeat_interleave(rows_per_photo)
     with torch.no_grad():
-        state = decoder.init_state(features)
-        array_state = graphs.init_state(features.numpy())
-        tokens = torch.full((3,), shipped.vocab.start_id)
+        state = decoder.init_state(features).select(rows)
+        array_state = graphs.init_state(features.numpy()).select(rows.numpy())
+        tokens = torch.full((len(rows),), shipped.vocab.start_id)
         for _ in range(8):
             logits, alpha, state = decoder.step(state, tokens)
             got_logits, got_alpha, array_state = graphs.step(array_state, tokens.numpy())
@@ -56,6 +60,8 @@ def test_onnx_step_matches_torch_step_on_real_photos(shipped, coco_mini, tmp_pat
                 diff = np.abs(got - expected.numpy()).max() / expected.abs().max().item()
                 assert diff < DECODER_TOLERANCE, diff
             tokens = logits.argmax(1)
+            if rows_per_photo == 2:
+                tokens[1::2] = logits[1::2].topk(2).indices[:, 1]  # a photo's second row: its second-best word
 
 
 def test_both_engines_caption_12_photos_alike(shipped, coco_mini, tmp_path):

@@ -175,8 +175,12 @@ def read_manifest(folder: Path) -> dict:
         raise BundleError(f"{folder}: no exported graphs here (no manifest.json)") from None
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path}: unreadable ({exc})") from None
-    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{path}: not a {BUNDLE_FORMAT} version {BUNDLE_VERSION}")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not a {BUNDLE_FORMAT}")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"{path}: a {BUNDLE_FORMAT} version {manifest.get('version')}, this captioner reads "
+                          f"version {BUNDLE_VERSION}: export it again (python scripts/export_onnx_bundle.py "
+                          "--checkpoint CHECKPOINT --out FOLDER)")
     for name, digest in manifest["sha256"].items():
         if not (folder / name).is_file():
             raise BundleError(f"{folder}: {name} is missing")
