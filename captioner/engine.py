@@ -318,7 +318,7 @@ class _SoftLstmStepGraph(torch.nn.Module):
     def __init__(self, decoder: torch.nn.Module):
         super().__init__()
         c = decoder.config
-        self.sizes = (c.embed_dim, c.hidden_dim, c.attention_dim, c.feature_dim)
+        self.sizes = (c.embed_dim, c.hidden_dim, c.attention_dim)
         e, hidden = c.embed_dim, c.hidden_dim
         cell, attention = decoder.cells[0], decoder.attention
         gate_order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
@@ -340,7 +340,7 @@ class _SoftLstmStepGraph(torch.nn.Module):
         self.out_vocab = decoder.out_vocab
 
     def forward(self, h, c, features, projected, location, tokens):
-        e, hidden, a, d = self.sizes
+        e, hidden, a = self.sizes
         recurrent, attention_h, gate = self.from_hidden(h[:, 0]).split([4 * hidden, a, 1], dim=1)
         pre_activation = projected + attention_h.unsqueeze(1)  # (N, L, A)
         alpha = torch.softmax(torch.matmul(torch.tanh(pre_activation), self.score).squeeze(2), dim=1)  # (N, L)
