@@ -121,7 +121,7 @@ class Captioner:
 
     def open(self, source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         """`open_image` at no more resolution than this model uses (big JPEGs decode at reduced scale)."""
-        return open_image(source, max_pixels, draft_size=self.preprocessing.image_size)
+        return open_image(source, max_pixels, draft_size=self.preprocessing.image_size, square_resize_follows=True)
 
     @overload
     def caption(self, images: ImageInput, options: DecodingOptions | None = None, **decoding) -> CaptionResult: ...

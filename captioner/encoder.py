@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .images import resize_square
+
 DEFAULT_BACKBONE = "efficientnet-lite0"
 DEFAULT_IMAGE_SIZE = 448  # 448 px -> a 14 x 14 grid for stride-32 backbones
 
@@ -30,8 +32,7 @@ class Preprocessing:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """PIL RGB image -> float tensor (3, S, S)."""
-        resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        return self.normalize(pil_to_tensor(resized))
+        return self.normalize(pil_to_tensor(resize_square(image, self.image_size)))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] tensor (..., 3, S, S) -> normalised."""

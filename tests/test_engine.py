@@ -26,7 +26,7 @@ from captioner.engine import (
     make_encoder_engine,
     resolve_engine,
 )
-from captioner.images import ImageError, open_image
+from captioner.images import ImageError, open_image, resize_square
 from captioner.inference import SlimCaptioner
 from captioner.int8_decoder import Int8LstmDecoder, quantize_decoder_for_cpu
 from captioner.model import AttentionDecoder
@@ -314,6 +314,36 @@ def test_draft_leaves_ordinary_photos_and_other_formats_alone(photo, coco_mini):
     buf = io.BytesIO()
     photo.resize((1920, 1284)).save(buf, format="PNG")
     assert open_image(buf.getvalue(), draft_size=448).size == (1920, 1284)  # PNG has no reduced decode
+
+
+def test_the_models_open_block_averages_only_reduced_scale_decodes(photo, coco_mini):
+    """The model's open (`square_resize_follows`) gives full decodes exactly open_image's pixels, including
+    COCO's 947 x 710 photos (over 2 x 448 on one side, but not reduced-scale decoded), so cached training
+    features stay valid. A 12 MP JPEG's 1/4-scale decode is block-averaged to under 896 px per side and, once
+    resized to 448, stays within ~1/255 of resizing the decode directly (an unrelated picture is ~30/255 away).
+    Without the flag (the service's preview) the aspect ratio is kept. Both engines' preprocessing agree on it."""
+    from captioner.encoder import Preprocessing as TorchPreprocessing
+    from captioner.inference.captioner import Preprocessing as SlimPreprocessing
+
+    for name in ("000000033727.jpg", "000000057796.jpg", "000000024585.jpg"):
+        path = coco_mini / "val" / name
+        full = np.asarray(open_image(path))
+        assert np.array_equal(np.asarray(open_image(path, draft_size=448, square_resize_follows=True)), full)
+    assert max(open_image(coco_mini / "val" / "000000033727.jpg").size) >= 896
+
+    data = _big_jpeg(photo, 6.5)  # 4160 x 2808 -> 1040 x 702 at 1/4 scale
+    drafted = open_image(data, draft_size=448)
+    averaged = open_image(data, draft_size=448, square_resize_follows=True)
+    assert drafted.size == (1040, 702) and averaged.size == (520, 702)
+    direct = np.asarray(resize_square(drafted, 448), dtype=np.float32)
+    near = np.asarray(resize_square(averaged, 448), dtype=np.float32)
+    unrelated = np.asarray(resize_square(photo.rotate(90), 448), dtype=np.float32)
+    assert 0.0 < np.abs(near - direct).mean() < 1.5 < 10.0 < np.abs(near - unrelated).mean()
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    slim_input = SlimPreprocessing(448, mean, std)(averaged)
+    np.testing.assert_allclose(TorchPreprocessing(448, mean, std)(averaged).numpy(), slim_input, atol=1e-5)
+    expected = (near.transpose(2, 0, 1) / 255 - np.reshape(mean, (3, 1, 1))) / np.reshape(std, (3, 1, 1))
+    np.testing.assert_allclose(slim_input, expected, atol=1e-5)
 
 
 def test_pixel_cap_holds_with_draft(photo):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..images import DEFAULT_MAX_PIXELS, open_image
+from ..images import DEFAULT_MAX_PIXELS, open_image, resize_square
 from ..options import DecodingOptions, recommended_options
 from ..vocab import Vocabulary
 from .decoding import Hypothesis, generate
@@ -53,7 +53,7 @@ class Preprocessing:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """PIL image -> float32 (3, S, S)."""
-        resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        resized = resize_square(image, self.image_size)
         # x * 1/(255 std) - mean/std, in place on one channel-first copy: the same numbers as (x/255 - mean)/std to
         # ~1e-7, 2.6 ms less per 448 px photo than four whole-array operations (measured on 16 coco-mini photos).
         x = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1).copy()
@@ -117,7 +117,7 @@ class SlimCaptioner:
 
     def open(self, source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         """`open_image` at no more resolution than this model uses (big JPEGs decode at reduced scale)."""
-        return open_image(source, max_pixels, draft_size=self.preprocessing.image_size)
+        return open_image(source, max_pixels, draft_size=self.preprocessing.image_size, square_resize_follows=True)
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB PIL images -> features (B, L, D)."""
