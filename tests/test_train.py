@@ -135,6 +135,22 @@ def test_fine_tuning_the_encoder_bypasses_the_cache_and_ships_its_weights(tmp_pa
     torch.testing.assert_close(captioner.encoder.cnn.state_dict()["net._conv_head.weight"],
                                ckpt.encoder_state["net._conv_head.weight"])
 
+    # Both engines run the fine-tuned weights: ONNX Runtime exports its own graph of them (keyed by a hash of
+    # the weights), gives eager torch's features and the same caption on a real photo, and not the features of
+    # the encoder before fine-tuning.
+    engines = {name: load_captioner(out / "last.pt", pretrained_encoder=False, engine=name, quantize_decoder=False,
+                                    cache_dir=tmp_path / "graphs") for name in ("torch", "onnx")}
+    photo = engines["torch"].open(coco_mini / "val" / "000000024585.jpg")
+    features = {name: c.encode([photo]) for name, c in engines.items()}
+    torch.testing.assert_close(features["onnx"], features["torch"], atol=1e-4, rtol=1e-4)
+    untuned = Encoder("efficientnet-lite0", pretrained=False, image_size=64)
+    untuned.cnn.load_state_dict(fresh)
+    with torch.no_grad():
+        before = untuned(engines["torch"].preprocessing(photo)[None])
+    assert before.shape == features["torch"].shape and (before - features["torch"]).abs().max() > 1e-2
+    captions = {name: c.caption(photo, method="greedy").caption for name, c in engines.items()}
+    assert captions["onnx"] == captions["torch"] and captions["torch"]
+
 
 def test_a_ctrl_c_dropped_inside_a_destructor_still_stops_training():
     """Python drops a KeyboardInterrupt raised while a destructor runs; training must stop at the next batch."""
