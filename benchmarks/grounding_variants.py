@@ -18,12 +18,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from captioner.api import load_captioner
 from captioner.coco import load_coco_captions
 from captioner.grounding import (
-    MIN_LOG_PROB,
     SHIPPED_CONCEPTS,
     GroundedDecoder,
     concept_labels,
@@ -49,7 +47,7 @@ class VariantBias(GroundedDecoder):
         self.form, self.param, self.log_prior = form, param, log_prior
 
     def word_bias(self, features: torch.Tensor) -> torch.Tensor:
-        log_p = F.logsigmoid(self.head(features)).clamp(min=MIN_LOG_PROB)  # (B, C)
+        log_p = self.concept_log_probs(features)  # (B, C)
         s, param = self.strength, self.param
         if self.form == "logp":
             per_concept = s * log_p

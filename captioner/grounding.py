@@ -117,9 +117,13 @@ class GroundedDecoder:
         self.decoder, self.head, self.strength = decoder, head, strength
         self.word_table = word_table  # (C, V)
 
+    def concept_log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, D) -> log p(concept | image) (B, C), floored at MIN_LOG_PROB."""
+        return F.logsigmoid(self.head(features)).clamp(min=MIN_LOG_PROB)
+
     def word_bias(self, features: torch.Tensor) -> torch.Tensor:
         """features (B, L, D) -> (B, V): strength * the sum of log p(concept) over the concepts a word names."""
-        log_p = F.logsigmoid(self.head(features)).clamp(min=MIN_LOG_PROB)  # (B, C)
+        log_p = self.concept_log_probs(features)  # (B, C)
         return self.strength * log_p @ self.word_table.to(log_p.device)
 
     def init_state(self, features: torch.Tensor) -> GroundedState:

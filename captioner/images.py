@@ -79,17 +79,20 @@ def open_image(
         raise ImageError(f"{name}: image has no pixels")
     # One decision for both JPEG decoders below: a reduced DCT scale only where it keeps both sides >= draft_size.
     scaled_to = draft_size if draft_size and min(width, height) >= 2 * draft_size and image.format == "JPEG" else None
-    if image.format == "JPEG":
-        decoded = _decode_jpeg(source, image, name, scaled_to)
-        if decoded is not None:
-            return _block_average(decoded, scaled_to) if scaled_to and square_resize_follows else decoded
+    decoded = _decode_jpeg(source, image, name, scaled_to) if image.format == "JPEG" else None
+    if decoded is None:
+        decoded = _decode_with_pillow(image, name, scaled_to)
+    return _block_average(decoded, scaled_to) if scaled_to and square_resize_follows else decoded
+
+
+def _decode_with_pillow(image: Image.Image, name: str, scaled_to: int | None) -> Image.Image:
+    """Every format, and the JPEGs simplejpeg declines: first frame, EXIF orientation, RGB."""
     try:
         image.seek(0)  # first frame of GIF/WebP/APNG animations
         if scaled_to:
             image.draft("RGB", (scaled_to, scaled_to))  # before load(); EXIF still applies below
         image.load()
-        image = to_rgb(ImageOps.exif_transpose(image))
-        return _block_average(image, scaled_to) if scaled_to and square_resize_follows else image
+        return to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise ImageError(f"{name}: corrupt or truncated image data ({exc})") from exc
 
