@@ -1,8 +1,8 @@
 """COCO captions: the official annotation files and Karpathy's split file, as image records and datasets.
 
 An `ImageRecord` is one image with all its reference captions (what evaluation needs); `CaptionDataset`
-expands records to one item per (image, caption) for training, reading image features from the cache
-(`ImageCaptionDataset` reads the photos themselves, for fine-tuning the encoder).
+expands records to one item per (image, caption) for training, reading image features from the cache (or,
+when fine-tuning, the cached output of the encoder's frozen blocks).
 """
 
 from __future__ import annotations
@@ -224,32 +224,6 @@ class ImageMajorBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches())
-
-
-class ImageCaptionDataset(Dataset):
-    """One item per (image, caption) as (preprocessed image (3, S, S), token ids): for fine-tuning, when the
-    encoder runs at every step instead of reading the feature cache. Unreadable images are skipped up front."""
-
-    def __init__(self, records: Sequence[ImageRecord], preprocessing, vocab: Vocabulary, max_words: int = 30):
-        from .images import ImageError, open_image
-
-        self.items: list[tuple[Path, list[int]]] = []
-        self.preprocessing = preprocessing
-        self._open = open_image
-        for r in records:
-            try:
-                open_image(r.path)
-            except ImageError as exc:
-                log.warning("skipping unreadable image: %s", exc)
-                continue
-            self.items.extend((r.path, vocab.encode(c, max_words)) for c in r.captions)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path, ids = self.items[i]
-        return self.preprocessing(self._open(path)), torch.tensor(ids)
 
 
 def collate_captions(

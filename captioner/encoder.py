@@ -8,6 +8,7 @@ checkpoint stores it, so a caption model never sees features made with the wrong
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -76,6 +77,26 @@ class _EfficientNetTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x)
+
+    def run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks [start, stop) of [stem, *blocks, head], as `extract_features` runs them (drop-connect included)."""
+        net, blocks = self.net, self.net._blocks
+        for i in range(start, stop):
+            if i == 0:
+                x = net._swish(net._bn0(net._conv_stem(x)))
+            elif i <= len(blocks):
+                rate = net._global_params.drop_connect_rate
+                x = blocks[i - 1](x, drop_connect_rate=rate * (i - 1) / len(blocks) if rate else rate)
+            else:
+                x = net._swish(net._bn1(net._conv_head(x)))
+        return x
+
+
+class _ResNetTrunk(nn.Sequential):
+    def run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for block in list(self)[start:stop]:
+            x = block(x)
+        return x
 
 
 def _efficientnet_lite(variant: str) -> Callable[[bool, int], tuple[nn.Module, list[nn.Module], nn.Module]]:
@@ -148,7 +169,7 @@ def _resmem_resnet152(pretrained: bool, image_size: int):
 
 def _resnet_trunk(net: nn.Module):
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    trunk = nn.Sequential(stem, net.layer1, net.layer2, net.layer3, net.layer4)
+    trunk = _ResNetTrunk(stem, net.layer1, net.layer2, net.layer3, net.layer4)
     return trunk, list(trunk), net.fc
 
 
@@ -200,6 +221,8 @@ class Encoder(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self._trainable = blocks[len(blocks) - fine_tune_blocks :] if fine_tune_blocks > 0 else []
+        self._split = len(blocks) - fine_tune_blocks  # index of the first trained block
+        self._frozen_grid: tuple[int, int] | None = None
         for block in self._trainable:
             for p in block.parameters():
                 p.requires_grad_(True)
@@ -215,6 +238,27 @@ class Encoder(nn.Module):
         """images (B, 3, S, S), already preprocessed -> features (B, L, D)."""
         grid = self.cnn(images)  # (B, D, H', W')
         return grid.flatten(2).transpose(1, 2)  # (B, L, D)
+
+    def frozen_part(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) -> what the first fine-tuned block reads, flattened like features: (B, L', C).
+        Fine-tuning caches it once per image, so that a training step runs only the tuned blocks."""
+        return self.cnn.run(images, 0, self._split).flatten(2).transpose(1, 2)  # (B, C, H', W') flattened
+
+    def tuned_part(self, activations: torch.Tensor) -> torch.Tensor:
+        """frozen_part's output (B, L', C) -> features (B, L, D): tuned_part(frozen_part(x)) == forward(x)."""
+        h, w = self.frozen_grid()
+        grid = activations.transpose(1, 2).reshape(activations.size(0), activations.size(2), h, w)
+        grid = self.cnn.run(grid, self._split, self._split + self.fine_tune_blocks)
+        return grid.flatten(2).transpose(1, 2)
+
+    def frozen_grid(self) -> tuple[int, int]:
+        """(H', W') of frozen_part's output at this encoder's input size."""
+        if self._frozen_grid is None:
+            size = self.preprocessing.image_size
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, size, size, device=next(self.parameters()).device)
+                self._frozen_grid = tuple(self.cnn.run(probe, 0, self._split).shape[-2:])
+        return self._frozen_grid
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Like forward, but on CPU one image per CNN pass: measured here, a batch of 16 448-px images cost
@@ -236,6 +280,37 @@ class Encoder(nn.Module):
             probe = torch.zeros(1, 3, self.preprocessing.image_size, self.preprocessing.image_size)
             h, w = self.cnn(probe.to(next(self.parameters()).device)).shape[-2:]
         return int(h), int(w)
+
+
+class FrozenPart(nn.Module):
+    """An encoder's frozen blocks, shaped like an Encoder for the feature cache (`build_feature_store`): images ->
+    `Encoder.frozen_part` (B, L', C). Its name carries a digest of those blocks' weights, so that their cache is
+    never read for other weights (a fine-tuned checkpoint's, say)."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.preprocessing = encoder.preprocessing
+        self.fine_tune_blocks = encoder.fine_tune_blocks
+        tuned = {id(t) for block in encoder._trainable for t in (*block.parameters(), *block.buffers())}
+        digest = hashlib.sha256()
+        for key, tensor in encoder.cnn.state_dict(keep_vars=True).items():
+            if id(tensor) not in tuned:
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.name = f"{encoder.name}-frozen{encoder._split}-{digest.hexdigest()[:8]}"
+        size = encoder.preprocessing.image_size
+        with torch.no_grad():
+            probe = encoder.frozen_part(torch.zeros(1, 3, size, size, device=next(encoder.parameters()).device))
+        self.feature_dim = probe.size(2)  # C
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.frozen_part(images)
+
+    encode = forward
+
+    def grid_size(self) -> tuple[int, int]:
+        return self.encoder.frozen_grid()
 
 
 def prepare_cpu_inference() -> None:

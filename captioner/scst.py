@@ -125,7 +125,7 @@ def train_one_epoch(
     """One SCST pass over the training images. `model` is the (possibly DDP-wrapped) CaptionModel: decoding
     uses its decoder directly, the gradient pass goes through the wrapper. `references[i]` are record i's
     prepared references (`reward_scorer`). Returns epoch means over all ranks."""
-    decoder = unwrap_model(model).decoder
+    decoder, encoder = unwrap_model(model).decoder, unwrap_model(model).encoder
     device = next(decoder.parameters()).device
     params = [p for group in optimizer.param_groups for p in group["params"]]
     samples_per_image = args.scst_samples
@@ -134,10 +134,11 @@ def train_one_epoch(
     sums = torch.zeros(4, dtype=torch.float64)  # loss * tokens, sample reward, baseline reward, samples
     tokens_seen, max_norm = 0.0, 0.0
     bar = tqdm(loader, desc=f"scst {epoch}", unit="batch", disable=args.no_progress or not env.is_main, leave=False)
-    for features, keys in bar:  # keys: (record index, mirrored view?) per image
-        features = features.to(device)
+    for inputs, keys in bar:  # keys: (record index, mirrored view?) per image
+        inputs = inputs.to(device)  # features, or when fine-tuning the encoder's cached frozen part
         model.train(args.scst_dropout)  # the policy: see the module doc
         with torch.no_grad():
+            features = encoder.tuned_part(inputs) if encoder is not None else inputs  # (B, L, D)
             seed = int(torch.randint(0, 2**62, ()))  # drawn from the run's RNG: reproducible and resumable
             samples = generate(decoder, features, vocab, replace(sampling, seed=seed))
             rewards = torch.tensor([[cider.score(vocab.decode_words(h.tokens), references[i][mirrored]) for h in hyps]
@@ -152,8 +153,7 @@ def train_one_epoch(
             advantage = (rewards - baseline).flatten().to(device)  # (B*N,)
         flat = [h for hyps in samples for h in hyps]
         captions = captions_tensor(flat, vocab, device)  # (B*N, T+1)
-        repeated = features.repeat_interleave(samples_per_image, dim=0)  # (B*N, L, D)
-        logits = model(repeated, captions).logits
+        logits = model(inputs, captions, repeats=samples_per_image).logits  # each image's row N times
         token_log_probs, mask = sequence_log_probs(logits, captions, vocab, args.scst_max_length)
         local_tokens = mask.sum()
         global_tokens = all_reduce_sum(local_tokens.double(), env)

@@ -46,7 +46,6 @@ from .checkpoint import (
 )
 from .coco import (
     CaptionDataset,
-    ImageCaptionDataset,
     ImageMajorBatchSampler,
     ImageRecord,
     check_disjoint,
@@ -65,7 +64,7 @@ from .distributed import (
     shutdown,
     unwrap_model,
 )
-from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder
+from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder, FrozenPart
 from .evaluate import validate
 from .features import VIEWS, FeatureStore, build_feature_store
 from .model import AttentionDecoder, CaptionerConfig, DecoderOutput, caption_loss, hard_attention_loss
@@ -145,7 +144,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model = add_model_arguments(p)
     model.add_argument("--random-encoder", action="store_true", help="random backbone weights (tests only)")
     model.add_argument("--fine-tune-blocks", type=int, default=0,
-                       help="unfreeze the encoder's last N blocks (bypasses the feature cache)")
+                       help="unfreeze the encoder's last N blocks (the cache then holds the frozen blocks' output)")
     model.add_argument("--encoder-lr", type=float, default=1e-4)
     model.add_argument("--init-from", type=Path,
                        help="start from this checkpoint's decoder (its architecture and vocabulary win)")
@@ -238,16 +237,20 @@ def build_vocab(train: Sequence[ImageRecord], extra_text_files: Sequence[Path], 
 
 
 class CaptionModel(nn.Module):
-    """What one training step runs: the decoder, with the encoder in front when it is being fine-tuned
-    (then batches hold images; otherwise they hold cached features). One module, so DDP wraps both."""
+    """What one training step runs: the decoder, with the encoder's tuned blocks in front when it is being
+    fine-tuned (then batches hold the cached output of its frozen blocks; otherwise cached features). One module,
+    so DDP wraps both."""
 
     def __init__(self, decoder: AttentionDecoder, encoder: Encoder | None = None):
         super().__init__()
         self.decoder, self.encoder = decoder, encoder
 
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
-        features = self.encoder(inputs) if self.encoder is not None else inputs  # (B, L, D)
-        return self.decoder(features, captions)
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, repeats: int = 1) -> DecoderOutput:
+        """captions (B * repeats, T+1): each image's features serve `repeats` captions in a row (SCST's samples),
+        so that the tuned blocks run once per image."""
+        # When fine-tuning, batches hold the cached frozen part of the encoder (FrozenPart), not features.
+        features = self.encoder.tuned_part(inputs) if self.encoder is not None else inputs  # (B, L, D)
+        return self.decoder(features.repeat_interleave(repeats, dim=0), captions)
 
 
 def train_one_epoch(
@@ -549,8 +552,8 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
         else:
             loader = progress.count(training_loader(train_set, args, env, epoch, device))
             row.update(train_one_epoch(model, loader, optimizer, args, epoch, env, state.scaler, amp_dtype))
-        scores, predictions = validate(decoder, val_records, val_store, vocab, batch_size=args.eval_batch_size,
-                                       env=env)
+        scores, predictions = validate(decoder, val_records, validation_features(args, encoder, val_store), vocab,
+                                       batch_size=args.eval_batch_size, env=env)
         row.update(scores)
         row["seconds"] = round(time.time() - started, 2)
         score = scores[args.monitor]
@@ -589,14 +592,14 @@ def check_args(args: argparse.Namespace, env: DistributedEnv) -> None:
     if args.scst:
         if not (args.init_from or args.resume):
             raise SystemExit("--scst fine-tunes a trained model: give --init-from a cross-entropy checkpoint")
-        if args.fine_tune_blocks:
-            raise SystemExit("--scst runs on cached features: drop --fine-tune-blocks")
         if args.scst_samples < 1 or (args.scst_baseline == "mean" and args.scst_samples < 2):
             raise SystemExit("--scst-samples must be >= 1 (>= 2 with --scst-baseline mean)")
     if args.lr is None:
         args.lr = 1e-5 if args.scst else 1e-3  # SCST: 5e-5 overfit coco-mini within 3 epochs (training log)
     if args.average_best < 0:
         raise SystemExit("--average-best must be >= 0")
+    if args.average_best and args.fine_tune_blocks:
+        raise SystemExit("--average-best averages decoders only: it cannot be used with --fine-tune-blocks")
 
 
 def start_run(args: argparse.Namespace, env: DistributedEnv) -> None:
@@ -621,11 +624,19 @@ def load_starting_point(args: argparse.Namespace, encoder: Encoder) -> StartingP
             raise CheckpointError(f"{source} was trained with {ckpt.encoder_name}, not --encoder {encoder.name}")
         if ckpt is not None and ckpt.is_ensemble:
             raise CheckpointError(f"{source} is an ensemble: train from one of its members' checkpoints instead")
-    return StartingPoint(resume, init)
+    start = StartingPoint(resume, init)
+    if start.checkpoint is not None and start.checkpoint.encoder_state is not None:
+        # Now, before any feature cache is built from the encoder, not when the decoder is.
+        encoder.cnn.load_state_dict(start.checkpoint.encoder_state)
+    return start
 
 
 def check_start(args: argparse.Namespace, start: StartingPoint) -> None:
     """Refuse what only the starting checkpoint can tell is impossible."""
+    if start.checkpoint is not None and start.checkpoint.encoder_state is not None and not args.fine_tune_blocks:
+        # The feature cache is keyed by backbone and input size, not weights: it would serve the wheel's features.
+        raise SystemExit(f"{args.init_from or 'last.pt'} has a fine-tuned encoder: train on from it with "
+                         "--fine-tune-blocks")
     if args.scst and args.scst_dropout and start.checkpoint is not None and start.checkpoint.config.attention == "hard":
         # In training mode hard attention samples its locations: the sampling pass and the pass that scores the
         # samples would attend to different places, so the gradient would not be that of the sampled captions.
@@ -635,25 +646,46 @@ def check_start(args: argparse.Namespace, start: StartingPoint) -> None:
 def build_datasets(
     args: argparse.Namespace, train_records: Sequence[ImageRecord], val_records: Sequence[ImageRecord],
     encoder: Encoder, vocab: Vocabulary, env: DistributedEnv,
-) -> tuple[Dataset, FeatureStore]:
-    """(training set, validation feature store). A frozen encoder encodes every image once into the cache
-    (rank 0 first, then the others read what it wrote); when fine-tuning, training images go through the
-    encoder at every step instead."""
+) -> tuple[CaptionDataset, FeatureStore]:
+    """(training set, validation feature store). Every image is encoded once into the cache (rank 0 first, then
+    the others read what it wrote). When fine-tuning, what is cached is the frozen blocks' output
+    (`FrozenPart`), and each step runs only the tuned blocks on it: the same numbers as the whole encoder at every
+    step (the photos are not augmented at random), at a fraction of the cost."""
     cache_root = args.cache_dir or args.output_dir.parent / ".cache"
     progress = not args.no_progress and env.is_main
-    views = ["original", *_parse_views(args.augment)] if not args.fine_tune_blocks else []
+    source, engine = (FrozenPart(encoder), "torch") if args.fine_tune_blocks else (encoder, "auto")
+    views = ["original", *_parse_views(args.augment)]
     stores, val_store = {}, None
     for turn in ("main", "others"):
         if (turn == "main") == env.is_main:
-            val_store = build_feature_store(val_records, encoder, cache_root, progress=progress)
+            val_store = build_feature_store(val_records, source, cache_root, progress=progress, engine=engine)
             for view in views:
-                stores[view] = build_feature_store(train_records, encoder, cache_root, progress=progress, view=view)
+                stores[view] = build_feature_store(train_records, source, cache_root, progress=progress, view=view,
+                                                   engine=engine)
         barrier(env)
-    if args.fine_tune_blocks:
-        return ImageCaptionDataset(train_records, encoder.preprocessing, vocab, args.max_words), val_store
     extra = [(view, store) for view, store in stores.items() if view != "original"]
     train_set = CaptionDataset(train_records, stores["original"], vocab, args.max_words, views=extra, seed=args.seed)
     return train_set, val_store
+
+
+class TunedFeatures:
+    """Validation features while fine-tuning: the cached frozen part through the tuned blocks as they are now
+    (the cache alone would give the features of the encoder the run started from)."""
+
+    def __init__(self, encoder: Encoder, frozen: FeatureStore):
+        self.encoder, self.frozen = encoder.eval(), frozen
+
+    def has(self, image_id: int) -> bool:
+        return self.frozen.has(image_id)
+
+    @torch.no_grad()
+    def get(self, image_id: int) -> torch.Tensor:
+        activations = self.frozen.get(image_id).to(next(self.encoder.parameters()).device)
+        return self.encoder.tuned_part(activations.unsqueeze(0))[0]  # (L, D)
+
+
+def validation_features(args: argparse.Namespace, encoder: Encoder, val_store: FeatureStore):
+    return TunedFeatures(encoder, val_store) if args.fine_tune_blocks else val_store
 
 
 def _parse_views(spec: str) -> list[str]:
@@ -695,8 +727,6 @@ def build_decoder(args: argparse.Namespace, vocab: Vocabulary, encoder: Encoder,
     """The starting checkpoint's decoder (its architecture wins over the flags), else a new one."""
     if start.checkpoint is not None:
         decoder = start.checkpoint.decoder
-        if start.checkpoint.encoder_state is not None:
-            encoder.cnn.load_state_dict(start.checkpoint.encoder_state)
         if start.resume is None and args.semantic and not decoder.config.semantic_classes:
             decoder = _with_semantic_input(decoder, encoder.classifier.out_features)
         for option in ("cell", "attention"):

@@ -1,5 +1,7 @@
 """Real pretrained backbones from their wheels: they must recognise real COCO photos before we trust them."""
 
+import math
+
 import pytest
 import torch
 import torchvision
@@ -77,6 +79,32 @@ def test_encoder_is_frozen_by_default_and_fine_tunes_last_blocks():
     tuned.train()
     assert not tuned.cnn.net._bn0.training  # frozen batch-norm stays in eval mode
     assert tuned.cnn.net._bn1.training
+
+
+@pytest.mark.parametrize(("name", "size", "blocks"), [("efficientnet-lite0", 96, 2), ("efficientnet-lite0", 96, 5),
+                                                     ("resnet50", 64, 1)])
+def test_the_tuned_part_on_the_frozen_part_is_the_whole_encoder(name, size, blocks):
+    """Fine-tuning caches `frozen_part` once per photo and trains `tuned_part` on it: together they must be the
+    whole encoder, and only the tuned part may carry gradients."""
+    from captioner.encoder import FrozenPart
+
+    torch.manual_seed(0)
+    encoder = Encoder(name, pretrained=False, image_size=size, fine_tune_blocks=blocks).eval()
+    images = torch.rand(2, 3, size, size)
+    frozen = encoder.frozen_part(images)
+    assert not frozen.requires_grad and frozen.shape[:2] == (2, math.prod(encoder.frozen_grid()))
+    features = encoder.tuned_part(frozen)
+    assert features.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(features, encoder(images))
+    part = FrozenPart(encoder)
+    assert part.feature_dim == frozen.size(2) and part.grid_size() == encoder.frozen_grid()
+    # Its cache name follows the frozen weights, not the tuned ones.
+    with torch.no_grad():
+        next(encoder._trainable[-1].parameters()).add_(1.0)
+        assert FrozenPart(encoder).name == part.name
+        next(encoder.cnn.parameters()).add_(1.0)
+        assert FrozenPart(encoder).name != part.name
 
 
 def test_unknown_backbone_is_a_clear_error():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pycocoevalcap.cider.cider import Cider
 
 from captioner import scst, train
+from captioner.checkpoint import load_checkpoint
 from captioner.cider import CiderD
 from captioner.coco import ImageRecord
 from captioner.decoding import DecodingOptions, allowed_logits, generate
@@ -155,6 +156,22 @@ def test_scst_stage_runs_resumes_and_logs_rewards(tmp_path, coco_mini):
     train.main(train_args(tmp_path, coco_mini, interrupted, epochs=2, resume=True, **common))
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in metrics_rows(interrupted)]
+
+
+def test_scst_fine_tunes_the_encoder_from_a_fine_tuned_checkpoint(tmp_path, coco_mini):
+    """Fine-tuning, then SCST with the same blocks tuned: the stage trains them (and only them) on the cached
+    frozen part. Starting from that checkpoint without --fine-tune-blocks is refused: the frozen-encoder
+    feature cache would serve the wheel's features, not the checkpoint's."""
+    tuned = tmp_path / "tuned"
+    train.main(train_args(tmp_path, coco_mini, tuned, epochs=1, fine_tune_blocks=1, encoder_lr=1e-2))
+    common = dict(scst=True, init_from=tuned / "best.pt", batch_size=4, lr=1e-4, epochs=1)
+    train.main(train_args(tmp_path, coco_mini, tmp_path / "scst", fine_tune_blocks=1, encoder_lr=1e-2, **common))
+    before, after = load_checkpoint(tuned / "best.pt"), load_checkpoint(tmp_path / "scst" / "last.pt")
+    changed = {k for k, v in after.encoder_state.items() if not torch.equal(v, before.encoder_state[k])}
+    assert changed and all(k.startswith(("net._conv_head", "net._bn1")) for k in changed)
+    assert metrics_rows(tmp_path / "scst")[0]["train_reward_CIDEr"] >= 0
+    with pytest.raises(SystemExit, match="fine-tuned encoder"):
+        train.main(train_args(tmp_path, coco_mini, tmp_path / "frozen", **common))
 
 
 def test_scst_mirrored_views_are_scored_against_mirrored_references():

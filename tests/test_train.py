@@ -119,8 +119,12 @@ def test_training_step_clips_the_global_gradient_norm(vocab):
     assert clipped == pytest.approx(0.5, rel=1e-3)  # scaled down to the bound, not zeroed or skipped
 
 
-def test_fine_tuning_the_encoder_bypasses_the_cache_and_ships_its_weights(tmp_path, coco_mini):
+def test_fine_tuning_the_encoder_caches_its_frozen_part_validates_the_tuned_one_and_ships_its_weights(
+    tmp_path, coco_mini
+):
     from captioner.api import load_captioner
+    from captioner.coco import load_coco_captions
+    from captioner.evaluate import validate
 
     out = tmp_path / "tuned"
     train.main(train_args(tmp_path, coco_mini, out, epochs=1, fine_tune_blocks=1, encoder_lr=1e-2))
@@ -130,10 +134,29 @@ def test_fine_tuning_the_encoder_bypasses_the_cache_and_ships_its_weights(tmp_pa
     fresh = Encoder("efficientnet-lite0", pretrained=False, image_size=64).cnn.state_dict()
     changed = [k for k, v in ckpt.encoder_state.items() if v.is_floating_point() and not torch.equal(v, fresh[k])]
     assert changed and all(k.startswith(("net._conv_head", "net._bn1")) for k in changed)  # only the last block
-    assert len(list((tmp_path / "cache").iterdir())) == 1  # the validation cache only: training bypasses it
+    # What is cached is the frozen blocks' output (the head's input), for the training and validation photos.
+    caches = sorted(folder.name for folder in (tmp_path / "cache").iterdir())
+    assert len(caches) == 2 and all("-frozen17-" in name for name in caches), caches
     captioner = load_captioner(out / "last.pt", pretrained_encoder=False)
     torch.testing.assert_close(captioner.encoder.cnn.state_dict()["net._conv_head.weight"],
                                ckpt.encoder_state["net._conv_head.weight"])
+
+    # Validation saw the tuned encoder, not the one the run started from: the logged val cross-entropy is what
+    # the saved checkpoint's whole encoder gives (the cached part is stored in float16), and the untuned one's
+    # is another number.
+    val = load_coco_captions(tmp_path / "data" / "captions_val.json", tmp_path / "data" / "val")
+
+    def val_cross_entropy(encoder: Encoder) -> float:
+        with torch.no_grad():
+            grids = {r.image_id: encoder.eval()(captioner.preprocessing(open_image(r.path))[None])[0] for r in val}
+        store = type("Store", (), {"has": lambda self, i: i in grids, "get": lambda self, i: grids[i]})()
+        return validate(ckpt.decoder, val, store, ckpt.vocab)[0]["val_cross_entropy"]
+
+    untuned = Encoder("efficientnet-lite0", pretrained=False, image_size=64)
+    untuned.cnn.load_state_dict(fresh)
+    logged = metrics_rows(out)[-1]["val_cross_entropy"]
+    assert logged == pytest.approx(val_cross_entropy(captioner.encoder), rel=1e-4)  # 5.5937 here
+    assert abs(val_cross_entropy(untuned) - logged) > 0.1  # 6.30 here
 
     # Both engines run the fine-tuned weights: ONNX Runtime exports its own graph of them (keyed by a hash of
     # the weights), gives eager torch's features and the same caption on a real photo, and not the features of
@@ -143,8 +166,6 @@ def test_fine_tuning_the_encoder_bypasses_the_cache_and_ships_its_weights(tmp_pa
     photo = engines["torch"].open(coco_mini / "val" / "000000024585.jpg")
     features = {name: c.encode([photo]) for name, c in engines.items()}
     torch.testing.assert_close(features["onnx"], features["torch"], atol=1e-4, rtol=1e-4)
-    untuned = Encoder("efficientnet-lite0", pretrained=False, image_size=64)
-    untuned.cnn.load_state_dict(fresh)
     with torch.no_grad():
         before = untuned(engines["torch"].preprocessing(photo)[None])
     assert before.shape == features["torch"].shape and (before - features["torch"]).abs().max() > 1e-2
