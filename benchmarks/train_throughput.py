@@ -6,13 +6,15 @@
 
 Compares, with the same decoder (E=256, H=512, A=256, V=10,000 like full COCO at min count 5, captions of 12
 tokens + START/END): cached 14x14x1280 features vs the efficientnet-lite0 encoder in the loop (448 px images),
-fp32 vs mixed precision (CUDA only: the CPU path stays fp32), and 1 vs 2 DistributedDataParallel processes.
+fine-tuning its last 2 blocks with the whole encoder in the loop vs on the cached output of its frozen blocks
+(14x14x192), fp32 vs mixed precision (CUDA only: the CPU path stays fp32), and 1 vs 2 DistributedDataParallel processes.
 Each figure is the median over timed steps after warm-up; ratios are against the cached fp32 1-process run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -24,19 +26,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from captioner.encoder import Encoder, prepare_cpu_inference
+from captioner.encoder import Encoder, FrozenPart, prepare_cpu_inference
 from captioner.features import FeatureStore
 from captioner.model import AttentionDecoder, CaptionerConfig, caption_loss
+from captioner.train import tuned_once_per_photo
 
 COCO_TRAIN_CAPTIONS = 591_753  # captions_train2017.json
 L, D, V, T = 196, 1280, 10_000, 14  # locations, feature dim, vocabulary, START + 12 words + END
 
 
-def _batch(batch_size: int, device: torch.device, images: bool, seed: int = 0):
+def _batch(batch_size: int, device: torch.device, images: bool, seed: int = 0, shape: tuple[int, int] = (L, D)):
     g = torch.Generator().manual_seed(seed)
     captions = torch.randint(4, V, (batch_size, T), generator=g)
     captions[:, 0], captions[:, -1] = 1, 2
-    inputs = torch.rand(batch_size, 3, 448, 448, generator=g) if images else torch.randn(batch_size, L, D, generator=g)
+    if images:
+        inputs = torch.rand(batch_size, 3, 448, 448, generator=g)
+    else:
+        inputs = torch.randn(batch_size, *shape, generator=g)
     return inputs.to(device), captions.to(device)
 
 
@@ -47,22 +53,34 @@ def _decoder(device: torch.device) -> AttentionDecoder:
 
 def time_steps(
     device: torch.device, batch_size: int, steps: int, encoder_in_loop: bool = False,
-    amp: torch.dtype | None = None, model=None, rank: int = 0,
+    amp: torch.dtype | None = None, model=None, rank: int = 0, tuned_blocks: int = 0, per_photo: int = 1,
 ) -> float:
-    """Median seconds per training step."""
+    """Median seconds per training step. `tuned_blocks`: fine-tuning that many of the encoder's last blocks, with
+    the whole encoder in the loop (`encoder_in_loop`) or on its cached frozen part (`tuned_once_per_photo`), with
+    `per_photo` captions of each photo in a row (`--batching image`)."""
     decoder = _decoder(device)
     model = model(decoder) if model is not None else decoder
-    encoder = Encoder("efficientnet-lite0", pretrained=False).to(device).eval() if encoder_in_loop else None
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    encoder = None
+    if encoder_in_loop or tuned_blocks:
+        encoder = Encoder("efficientnet-lite0", pretrained=False, fine_tune_blocks=tuned_blocks).to(device).eval()
+    trained = [*model.parameters(), *(encoder.parameters() if tuned_blocks else ())]
+    optimizer = torch.optim.Adam([p for p in trained if p.requires_grad], lr=1e-4)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    inputs, captions = _batch(batch_size, device, encoder_in_loop, seed=rank)
+    frozen_shape = None
+    if tuned_blocks and not encoder_in_loop:
+        frozen_shape = (math.prod(encoder.frozen_grid()), FrozenPart(encoder).feature_dim)  # (L', C)
+    inputs, captions = _batch(batch_size, device, encoder_in_loop, seed=rank, shape=frozen_shape or (L, D))
+    inputs = inputs[::per_photo].repeat_interleave(per_photo, dim=0)[:batch_size]
     times = []
     for step in range(steps + 2):  # two warm-up steps
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            if encoder is not None:
+            if encoder is not None and tuned_blocks:
+                encoder.train()  # the tuned blocks only: the frozen ones stay in eval mode
+                features = encoder(inputs) if encoder_in_loop else tuned_once_per_photo(encoder, inputs)
+            elif encoder is not None:
                 with torch.no_grad():
                     features = encoder(inputs)
             else:
@@ -73,7 +91,7 @@ def time_steps(
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(trained, 5.0)
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -220,6 +238,11 @@ def main() -> None:
     base = time_steps(device, batch, steps)
     rows.append(("cached features, fp32, 1 process", base))
     rows.append(("encoder in the loop (lite0, 448 px), fp32", time_steps(device, batch, max(1, steps // 2), True)))
+    rows.append(("fine-tuning 2 blocks, whole encoder in the loop", time_steps(device, batch, max(1, steps // 2), True,
+                                                                            tuned_blocks=2)))
+    rows.append(("fine-tuning 2 blocks on the cached frozen part", time_steps(device, batch, steps, tuned_blocks=2)))
+    rows.append(("  the same, 5 captions of a photo in a row", time_steps(device, batch, steps, tuned_blocks=2,
+                                                                      per_photo=5)))
     if cuda:
         rows.append(("cached features, bf16 autocast", time_steps(device, batch, steps, amp=torch.bfloat16)))
         rows.append(("cached features, fp16 autocast + scaler", time_steps(device, batch, steps, amp=torch.float16)))

@@ -249,8 +249,16 @@ class CaptionModel(nn.Module):
         """captions (B * repeats, T+1): each image's features serve `repeats` captions in a row (SCST's samples),
         so that the tuned blocks run once per image."""
         # When fine-tuning, batches hold the cached frozen part of the encoder (FrozenPart), not features.
-        features = self.encoder.tuned_part(inputs) if self.encoder is not None else inputs  # (B, L, D)
+        features = tuned_once_per_photo(self.encoder, inputs) if self.encoder is not None else inputs  # (B, L, D)
         return self.decoder(features.repeat_interleave(repeats, dim=0), captions)
+
+
+def tuned_once_per_photo(encoder: Encoder, inputs: torch.Tensor) -> torch.Tensor:
+    """encoder.tuned_part over (B, L', C), each run of equal consecutive rows (one photo's captions in an
+    image-major batch, `--batching image`) through the tuned blocks once: 5x less of their work on COCO."""
+    starts = torch.ones(inputs.size(0), dtype=torch.bool, device=inputs.device)
+    starts[1:] = (inputs[1:] != inputs[:-1]).flatten(1).any(dim=1)
+    return encoder.tuned_part(inputs[starts])[starts.cumsum(0) - 1]
 
 
 def train_one_epoch(

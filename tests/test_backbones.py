@@ -97,6 +97,16 @@ def test_the_tuned_part_on_the_frozen_part_is_the_whole_encoder(name, size, bloc
     assert features.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(features, encoder(images))
+    # One photo's captions in a row go through the tuned blocks once, with the same features and gradients.
+    from captioner.train import tuned_once_per_photo
+
+    rows = frozen[[0, 0, 1, 1, 1, 0]]  # three runs of one photo
+    whole, seen = encoder.tuned_part, []
+    encoder.tuned_part = lambda x: seen.append(x.size(0)) or whole(x)
+    once = tuned_once_per_photo(encoder, rows)
+    del encoder.tuned_part
+    assert seen == [3]
+    torch.testing.assert_close(once, encoder.tuned_part(rows))
     part = FrozenPart(encoder)
     assert part.feature_dim == frozen.size(2) and part.grid_size() == encoder.frozen_grid()
     # Its cache name follows the frozen weights, not the tuned ones.
