@@ -643,8 +643,8 @@ def check_start(args: argparse.Namespace, start: StartingPoint) -> None:
     """Refuse what only the starting checkpoint can tell is impossible."""
     if start.checkpoint is not None and start.checkpoint.encoder_state is not None and not args.fine_tune_blocks:
         # The feature cache is keyed by backbone and input size, not weights: it would serve the wheel's features.
-        raise SystemExit(f"{args.init_from or 'last.pt'} has a fine-tuned encoder: train on from it with "
-                         "--fine-tune-blocks")
+        source = args.output_dir / "last.pt" if start.resume is not None else args.init_from
+        raise SystemExit(f"{source} has a fine-tuned encoder: train on from it with --fine-tune-blocks")
     if args.scst and args.scst_dropout and start.checkpoint is not None and start.checkpoint.config.attention == "hard":
         # In training mode hard attention samples its locations: the sampling pass and the pass that scores the
         # samples would attend to different places, so the gradient would not be that of the sampled captions.
