@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import simplejpeg
 from PIL import Image
 
 from captioner.cider import CiderD
+from captioner.coco import load_coco_captions
 from captioner.images import open_image, resize_square
 from captioner.inference import load_bundle
 from captioner.metrics import tokenize
@@ -56,11 +56,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--megapixels", type=float, default=12.0)
     args = p.parse_args()
-    coco = json.loads((args.data / "annotations" / "captions_val.json").read_text())
-    images = sorted(coco["images"], key=lambda im: im["id"])[: args.limit]
-    references: dict[int, list[str]] = {}
-    for a in coco["annotations"]:
-        references.setdefault(a["image_id"], []).append(a["caption"])
+    records = load_coco_captions(args.data / "annotations" / "captions_val.json", args.data / "val")[: args.limit]
     captioner = load_bundle()
     size = captioner.preprocessing.image_size
     ways = {
@@ -72,17 +68,17 @@ def main() -> None:
     }
     captions: dict[str, list[str]] = {name: [] for name in ways}
     first = None
-    for k, im in enumerate(images):
-        path = args.data / "val" / im["file_name"]
+    for k, record in enumerate(records):
+        path = record.path
         data = big_jpeg(path, args.megapixels)
         first = first or data
         inputs = [captioner.open(path) if way is None else way(data) for way in ways.values()]
         for name, result in zip(ways, captioner.caption(inputs), strict=True):
             captions[name].append(result.caption)
         if (k + 1) % 50 == 0:
-            print(f"  {k + 1} / {len(images)} photos", flush=True)
+            print(f"  {k + 1} / {len(records)} photos", flush=True)
 
-    refs = [[tokenize(r) for r in references[im["id"]]] for im in images]
+    refs = [[tokenize(r) for r in record.captions] for record in records]
     cider = CiderD(refs)
     per_photo = {
         name: np.array([cider.score(tokenize(c), r) for c, r in zip(caps, refs, strict=True)])
@@ -90,7 +86,7 @@ def main() -> None:
     }
     rng = np.random.default_rng(0)
     print(
-        f"\n{len(images)} photos of {args.data.name} val as ~{args.megapixels:g} MP JPEGs, slim pipeline, default "
+        f"\n{len(records)} photos of {args.data.name} val as ~{args.megapixels:g} MP JPEGs, slim pipeline, default "
         "decoding (CIDEr-D of captioner.metrics):"
     )
     for name, way in ways.items():

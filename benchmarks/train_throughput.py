@@ -14,7 +14,6 @@ Each figure is the median over timed steps after warm-up; ratios are against the
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
 import statistics
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from captioner.encoder import Encoder, FrozenPart, prepare_cpu_inference
+from captioner.encoder import Encoder, prepare_cpu_inference
 from captioner.features import FeatureStore
 from captioner.model import AttentionDecoder, CaptionerConfig, caption_loss
 from captioner.train import tuned_once_per_photo
@@ -68,7 +67,8 @@ def time_steps(
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     frozen_shape = None
     if tuned_blocks and not encoder_in_loop:
-        frozen_shape = (math.prod(encoder.frozen_grid()), FrozenPart(encoder).feature_dim)  # (L', C)
+        channels, height, width = encoder.frozen_shape()
+        frozen_shape = (height * width, channels)  # (L', C)
     inputs, captions = _batch(batch_size, device, encoder_in_loop, seed=rank, shape=frozen_shape or (L, D))
     inputs = inputs[::per_photo].repeat_interleave(per_photo, dim=0)[:batch_size]
     times = []

@@ -222,7 +222,7 @@ class Encoder(nn.Module):
             p.requires_grad_(False)
         self._trainable = blocks[len(blocks) - fine_tune_blocks :] if fine_tune_blocks > 0 else []
         self._split = len(blocks) - fine_tune_blocks  # index of the first trained block
-        self._frozen_grid: tuple[int, int] | None = None
+        self._frozen_shape: tuple[int, int, int] | None = None
         for block in self._trainable:
             for p in block.parameters():
                 p.requires_grad_(True)
@@ -253,12 +253,16 @@ class Encoder(nn.Module):
 
     def frozen_grid(self) -> tuple[int, int]:
         """(H', W') of frozen_part's output at this encoder's input size."""
-        if self._frozen_grid is None:
+        return self.frozen_shape()[1:]
+
+    def frozen_shape(self) -> tuple[int, int, int]:
+        """(C, H', W') of frozen_part's output at this encoder's input size, from one probe image."""
+        if self._frozen_shape is None:
             size = self.preprocessing.image_size
             with torch.no_grad():
                 probe = torch.zeros(1, 3, size, size, device=next(self.parameters()).device)
-                self._frozen_grid = tuple(self.cnn.run(probe, 0, self._split).shape[-2:])
-        return self._frozen_grid
+                self._frozen_shape = tuple(self.cnn.run(probe, 0, self._split).shape[1:])
+        return self._frozen_shape
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Like forward, but on CPU one image per CNN pass: measured here, a batch of 16 448-px images cost
@@ -299,10 +303,7 @@ class FrozenPart(nn.Module):
                 digest.update(key.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         self.name = f"{encoder.name}-frozen{encoder._split}-{digest.hexdigest()[:8]}"
-        size = encoder.preprocessing.image_size
-        with torch.no_grad():
-            probe = encoder.frozen_part(torch.zeros(1, 3, size, size, device=next(encoder.parameters()).device))
-        self.feature_dim = probe.size(2)  # C
+        self.feature_dim = encoder.frozen_shape()[0]  # C
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder.frozen_part(images)
