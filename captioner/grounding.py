@@ -31,6 +31,7 @@ from .coco import ImageRecord, load_coco_captions
 from .encoder import Encoder, Preprocessing
 from .features import build_feature_store
 from .hallucination import COUNT_WORDS, SYNONYMS, caption_objects, reference_objects, says_several
+from .imagefiles import find_images
 from .vocab import Vocabulary
 
 CONCEPTS: tuple[str, ...] = (*SYNONYMS, "several")
@@ -64,9 +65,11 @@ def concept_labels(references: Sequence[str]) -> torch.Tensor:
 
 
 def fit_concept_head(
-    features: torch.Tensor, labels: torch.Tensor, steps: int = 600, lr: float = 1e-2, l2: float = 1e-2, seed: int = 0
+    features: torch.Tensor, labels: torch.Tensor, steps: int = 600, lr: float = 1e-2, l2: float = 1e-2, seed: int = 0,
+    known: torch.Tensor | None = None,
 ) -> ConceptHead:
-    """Logistic regression, full batch: pooled features (N, 2D) of the training photos, labels (N, C).
+    """Logistic regression, full batch: pooled features (N, 2D) of the training photos, labels (N, C), and
+    optionally which labels are known (N, C) bool: an unknown one adds no loss.
     The settings were chosen on 300 held-out training photos of coco-3k (docs/training-log.md)."""
     torch.manual_seed(seed)
     head = ConceptHead(features.size(-1) // 2)
@@ -74,9 +77,10 @@ def fit_concept_head(
     head.std.copy_(features.std(dim=0) + 1e-6)
     normalised = (features - head.mean) / head.std
     optimizer = torch.optim.Adam(head.linear.parameters(), lr=lr)
+    weight = None if known is None else known.float() * known.numel() / known.sum()  # the same mean scale
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(head.linear(normalised), labels)
+        loss = F.binary_cross_entropy_with_logits(head.linear(normalised), labels, weight=weight)
         (loss + l2 * head.linear.weight.pow(2).sum()).backward()
         optimizer.step()
     return head.eval()
@@ -171,15 +175,44 @@ def grounded(decoder, head: ConceptHead, vocab: Vocabulary, strength: float) -> 
     return GroundedDecoder(decoder, head, concept_word_table(vocab, head.concepts), strength)
 
 
-def fit_from_records(records: Sequence[ImageRecord], encoder: Encoder, cache_root: str | Path,
-                     progress: bool = True, **fit_options) -> ConceptHead:
-    """Encode the training photos once (the training feature cache: shared with `captioner train`), label each
-    by its reference captions, fit the head."""
+NEGATIVE_IDS = 10**12  # image ids of the negative photos: far above any COCO id, so never a cached COCO photo
+
+
+def negative_records(paths: Sequence[Path]) -> list[ImageRecord]:
+    """Photos known to show none of the 80 categories (no captions): ids from NEGATIVE_IDS up."""
+    return [ImageRecord(NEGATIVE_IDS + i, path, ()) for i, path in enumerate(paths)]
+
+
+def pooled_features(records: Sequence[ImageRecord], encoder: Encoder, cache_root: str | Path,
+                    progress: bool = True) -> tuple[list[ImageRecord], torch.Tensor]:
+    """The records whose photos could be read and their pooled features (N, 2D), through the feature cache."""
     store = build_feature_store(records, encoder, cache_root, progress=progress)
     kept = [r for r in records if store.has(r.image_id)]
-    pooled = torch.cat([ConceptHead.pool(store.get(r.image_id)[None]) for r in kept])  # (N, 2D)
+    return kept, torch.cat([ConceptHead.pool(store.get(r.image_id)[None]) for r in kept])
+
+
+def fit_from_records(records: Sequence[ImageRecord], encoder: Encoder, cache_root: str | Path,
+                     progress: bool = True, negatives: Sequence[Path] = (), **fit_options) -> ConceptHead:
+    """Encode the training photos once (the training feature cache: shared with `captioner train`), label each
+    by its reference captions, fit the head.
+
+    `negatives`: photos of no COCO category that are not COCO-like (wallpapers, textures). COCO alone never
+    shows the head a photo without people that is not a COCO scene, so it gives p(person) 0.4-0.9 to a brick
+    wall; these teach it 0 for the 80 categories. Their "several" stays unknown (no loss): a wallpaper of
+    leaves may well be many of something."""
+    kept, pooled = pooled_features(records, encoder, cache_root, progress)
     labels = torch.stack([concept_labels(r.captions) for r in kept])  # (N, C)
-    return fit_concept_head(pooled, labels, **fit_options)
+    known = torch.ones_like(labels, dtype=torch.bool)
+    if negatives:
+        negative, negative_pooled = pooled_features(negative_records(negatives), encoder, cache_root, progress)
+        if not negative:
+            raise ValueError("none of the negative photos could be read")
+        pooled = torch.cat([pooled, negative_pooled])
+        labels = torch.cat([labels, torch.zeros(len(negative), labels.size(1))])
+        unknown_several = torch.ones(len(negative), labels.size(1), dtype=torch.bool)
+        unknown_several[:, CONCEPTS.index("several")] = False
+        known = torch.cat([known, unknown_several])
+    return fit_concept_head(pooled, labels, known=known, **fit_options)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -188,6 +221,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--train-captions", type=Path, required=True, help="COCO captions file of the training photos")
     p.add_argument("--encoder", default="efficientnet-lite0", help="the backbone of the checkpoints it will serve")
     p.add_argument("--image-size", type=int, default=448)
+    p.add_argument("--negatives", type=Path, nargs="+", default=[], metavar="FOLDER",
+                   help="folders of photos that show none of the 80 COCO categories and are not COCO-like "
+                        "(wallpapers, textures): negatives for every category (scripts/concept_negatives.py)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="feature cache (shared with train)")
     p.add_argument("-o", "--output", type=Path, required=True)
     return p
@@ -195,9 +231,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Path:
     records = load_coco_captions(args.train_captions, args.train_images)
+    negatives = find_images(args.negatives, recursive=True)[0] if args.negatives else []
+    if args.negatives and not negatives:
+        raise SystemExit(f"no images in {', '.join(map(str, args.negatives))}")
     encoder = Encoder(args.encoder, image_size=args.image_size)
-    head = fit_from_records(records, encoder, args.cache_dir)
-    save_concept_head(args.output, head, encoder.name, encoder.preprocessing, {"train_images": len(records)})
+    head = fit_from_records(records, encoder, args.cache_dir, negatives=negatives)
+    save_concept_head(args.output, head, encoder.name, encoder.preprocessing,
+                      {"train_images": len(records), "negative_images": len(negatives)})
     print(f"{args.output}: concept head over {len(head.concepts)} concepts from {len(records)} photos; "
           f"use it with --grounding 1 --concepts {args.output}")
     return args.output

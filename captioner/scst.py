@@ -8,6 +8,10 @@ log-probability is weighted by the advantage, reward minus a baseline:
 - "greedy" (the paper's self-critical baseline): the reward of the image's greedy caption;
 - "mean": the mean reward of the image's other N-1 samples (no extra decoding; Luo 2020).
 
+With `--scst-hallucination-penalty P` the reward is CIDEr-D minus P per object mention (COCO category,
+`captioner.hallucination`) that none of the image's references names: CHAIR-i's count, on training images. CIDEr-D
+barely penalises an invented object (Rohrbach et al. 2018); this makes the policy pay for one.
+
 Sampling and the gradient pass both run with dropout off (unless `--scst-dropout`): REINFORCE needs the
 log-probabilities of the very policy that sampled, and that is also the network that decodes at test time.
 Log-probabilities are taken over the tokens decoding may emit (no PAD/START/UNK, no END first, END forced
@@ -31,6 +35,7 @@ from .coco import ImageRecord, choose_view, flip_caption
 from .decoding import DecodingOptions, Hypothesis, allowed_logits, generate
 from .distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum, unwrap_model
 from .features import FeatureStore
+from .hallucination import caption_objects
 from .utils import optimizer_step
 from .vocab import Vocabulary, tokenize
 
@@ -73,6 +78,11 @@ def reward_scorer(records: Sequence[ImageRecord]) -> tuple[CiderD, list[dict[boo
     prepared = [{False: cider.prepare(refs), True: cider.prepare([tokenize(flip_caption(c)) for c in r.captions])}
                 for r, refs in zip(records, references, strict=True)]
     return cider, prepared
+
+
+def invented_objects(words: Sequence[str], truth: set[str]) -> int:
+    """How many of a caption's object mentions name a category outside `truth` (its image's reference objects)."""
+    return sum(m.category not in truth for m in caption_objects(words))
 
 
 def scst_loss(
@@ -121,17 +131,27 @@ def train_one_epoch(
     args: argparse.Namespace,
     epoch: int,
     env: DistributedEnv = SINGLE_PROCESS,
+    truths: Sequence[set[str]] = (),
 ) -> dict[str, float]:
     """One SCST pass over the training images. `model` is the (possibly DDP-wrapped) CaptionModel: decoding
     uses its decoder directly, the gradient pass goes through the wrapper. `references[i]` are record i's
-    prepared references (`reward_scorer`). Returns epoch means over all ranks."""
+    prepared references (`reward_scorer`), `truths[i]` its reference objects (needed with a hallucination
+    penalty; with them the objects samples invent are counted). Returns epoch means over all ranks."""
     decoder, encoder = unwrap_model(model).decoder, unwrap_model(model).encoder
     device = next(decoder.parameters()).device
     params = [p for group in optimizer.param_groups for p in group["params"]]
     samples_per_image = args.scst_samples
     sampling = DecodingOptions(method="sample", num_captions=samples_per_image, max_length=args.scst_max_length)
     greedy = DecodingOptions(method="greedy", max_length=args.scst_max_length)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss * tokens, sample reward, baseline reward, samples
+    penalty = getattr(args, "scst_hallucination_penalty", 0.0)
+    if penalty and not truths:
+        raise ValueError("a hallucination penalty needs each image's reference objects (truths)")
+
+    def reward(words: list[str], index: int, mirrored: bool) -> tuple[float, int]:
+        invented = invented_objects(words, truths[index]) if truths else 0
+        return cider.score(words, references[index][mirrored]) - penalty * invented, invented
+
+    sums = torch.zeros(5, dtype=torch.float64)  # loss * tokens, sample reward, baseline reward, samples, invented
     tokens_seen, max_norm = 0.0, 0.0
     bar = tqdm(loader, desc=f"scst {epoch}", unit="batch", disable=args.no_progress or not env.is_main, leave=False)
     for inputs, keys in bar:  # keys: (record index, mirrored view?) per image
@@ -141,12 +161,13 @@ def train_one_epoch(
             features = encoder.tuned_part(inputs) if encoder is not None else inputs  # (B, L, D)
             seed = int(torch.randint(0, 2**62, ()))  # drawn from the run's RNG: reproducible and resumable
             samples = generate(decoder, features, vocab, replace(sampling, seed=seed))
-            rewards = torch.tensor([[cider.score(vocab.decode_words(h.tokens), references[i][mirrored]) for h in hyps]
-                                    for (i, mirrored), hyps in zip(keys, samples, strict=True)])  # (B, N)
+            scored = torch.tensor([[reward(vocab.decode_words(h.tokens), i, mirrored) for h in hyps]
+                                   for (i, mirrored), hyps in zip(keys, samples, strict=True)])  # (B, N, 2)
+            rewards, invented = scored[..., 0], scored[..., 1]
             if args.scst_baseline == "greedy":
                 best = generate(decoder.eval(), features, vocab, greedy)
                 model.train(args.scst_dropout)
-                baseline = torch.tensor([cider.score(vocab.decode_words(hyps[0].tokens), references[i][mirrored])
+                baseline = torch.tensor([reward(vocab.decode_words(hyps[0].tokens), i, mirrored)[0]
                                          for (i, mirrored), hyps in zip(keys, best, strict=True)]).unsqueeze(1)
             else:  # the mean of the image's other samples
                 baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (samples_per_image - 1)  # (B, N)
@@ -160,17 +181,21 @@ def train_one_epoch(
         loss = scst_loss(token_log_probs, mask, advantage, global_tokens.float() / env.world_size)
         norm = optimizer_step(loss, optimizer, params, args.grad_clip)
         sums += torch.tensor([float(loss.detach()) * float(global_tokens) / env.world_size,
-                              float(rewards.sum()), float(baseline.expand_as(rewards).sum()), rewards.numel()],
+                              float(rewards.sum()), float(baseline.expand_as(rewards).sum()), rewards.numel(),
+                              float(invented.sum())],
                              dtype=torch.float64)
         tokens_seen += float(local_tokens)
         max_norm = max(max_norm, float(norm))
         bar.set_postfix(reward=f"{float(rewards.mean()):.3f}", baseline=f"{float(baseline.mean()):.3f}")
     sums = all_reduce_sum(sums.to(device), env).tolist()
     tokens_seen = float(all_reduce_sum(torch.tensor(tokens_seen, dtype=torch.float64, device=device), env))
-    loss_sum, reward_sum, baseline_sum, count = sums
-    return {
+    loss_sum, reward_sum, baseline_sum, count, invented_sum = sums
+    row = {
         "train_loss": loss_sum / max(tokens_seen, 1.0),
-        "train_reward_CIDEr": reward_sum / max(count, 1.0),
+        "train_reward_CIDEr": reward_sum / max(count, 1.0),  # minus the penalty, when there is one
         "train_baseline_CIDEr": baseline_sum / max(count, 1.0),
         "max_grad_norm_before_clip": max_norm,
     }
+    if truths:  # what CHAIR-i counts, on the training samples: logged with or without a penalty
+        row["train_invented_objects_per_sample"] = invented_sum / max(count, 1.0)
+    return row

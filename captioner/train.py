@@ -67,6 +67,7 @@ from .distributed import (
 from .encoder import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, Encoder, FrozenPart
 from .evaluate import validate
 from .features import VIEWS, FeatureStore, build_feature_store
+from .hallucination import reference_objects
 from .model import AttentionDecoder, CaptionerConfig, DecoderOutput, caption_loss, hard_attention_loss
 from .usage import check_output_dir
 from .utils import (
@@ -177,6 +178,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     scst.add_argument("--scst-baseline", choices=["greedy", "mean"], default="greedy",
                       help="greedy: the greedy caption's reward; mean: the mean of the other samples' rewards")
     scst.add_argument("--scst-max-length", type=int, default=16, help="most words in a sampled caption")
+    scst.add_argument("--scst-hallucination-penalty", type=float, default=0.0, metavar="P",
+                      help="subtract P from a sample's CIDEr-D reward per object it names that no reference of "
+                           "its image names (default 0: CIDEr-D alone)")
     scst.add_argument("--scst-dropout", action="store_true",
                       help="keep dropout on while sampling and in the gradient pass (the greedy baseline never "
                            "uses it); default off: one exact policy")
@@ -602,6 +606,8 @@ def check_args(args: argparse.Namespace, env: DistributedEnv) -> None:
             raise SystemExit("--scst fine-tunes a trained model: give --init-from a cross-entropy checkpoint")
         if args.scst_samples < 1 or (args.scst_baseline == "mean" and args.scst_samples < 2):
             raise SystemExit("--scst-samples must be >= 1 (>= 2 with --scst-baseline mean)")
+    if args.scst_hallucination_penalty < 0 or (args.scst_hallucination_penalty and not args.scst):
+        raise SystemExit("--scst-hallucination-penalty must be >= 0 and needs --scst")
     if args.lr is None:
         args.lr = 1e-5 if args.scst else 1e-3  # SCST: 5e-5 overfit coco-mini within 3 epochs (training log)
     if args.average_best < 0:
@@ -712,6 +718,7 @@ class ScstStage:
     images: scst.ScstImageDataset
     cider: Any  # captioner.cider.CiderD
     references: list[dict[bool, list]]
+    truths: list[set[str]]  # each image's reference objects, for --scst-hallucination-penalty
 
     @classmethod
     def build(cls, args: argparse.Namespace, train_records: Sequence[ImageRecord],
@@ -720,14 +727,15 @@ class ScstStage:
         cider, references = scst.reward_scorer(images.records)
         log.info("SCST: %d training images, CIDEr-D document frequencies from their %d references",
                  len(images), sum(len(r.captions) for r in images.records))
-        return cls(images, cider, references)
+        return cls(images, cider, references, [reference_objects(r.captions) for r in images.records])
 
     def train_one_epoch(self, model: nn.Module, vocab: Vocabulary, optimizer: torch.optim.Optimizer,
                         args: argparse.Namespace, epoch: int, env: DistributedEnv) -> dict[str, float]:
         self.images.set_epoch(epoch)
         loader = DataLoader(self.images, batch_size=args.batch_size // env.world_size,
                             sampler=_sampler(self.images, args, env, epoch), collate_fn=scst.collate_images)
-        return scst.train_one_epoch(model, loader, self.references, self.cider, vocab, optimizer, args, epoch, env)
+        return scst.train_one_epoch(model, loader, self.references, self.cider, vocab, optimizer, args, epoch, env,
+                                    self.truths)
 
 
 def build_decoder(args: argparse.Namespace, vocab: Vocabulary, encoder: Encoder,

@@ -16,6 +16,8 @@ from captioner.grounding import (
     ConceptHead,
     GroundedDecoder,
     concept_word_table,
+    fit_concept_head,
+    fit_from_records,
     grounded,
     load_concept_head,
     save_concept_head,
@@ -93,3 +95,49 @@ def test_grounding_invents_fewer_objects_on_real_photos(shipped_checkpoint, ship
     before, after = hallucination_scores(plain, references), hallucination_scores(ground, references)
     # Measured on these 60 photos: CHAIR-s 0.37 -> 0.18, CHAIR-i 0.25 -> 0.14.
     assert after["CHAIR-s"] < 0.8 * before["CHAIR-s"] and after["CHAIR-i"] < before["CHAIR-i"], (before, after)
+
+
+def test_unknown_labels_add_no_loss():
+    """`known` False: that label's value cannot move the fit (the negatives' "several")."""
+    torch.manual_seed(0)
+    features, labels = torch.randn(40, 8), (torch.rand(40, len(CONCEPTS)) > 0.5).float()
+    known = torch.ones_like(labels, dtype=torch.bool)
+    known[20:, -1] = False
+    flipped = labels.clone()
+    flipped[20:, -1] = 1 - flipped[20:, -1]
+    a = fit_concept_head(features, labels, steps=50, known=known)
+    b = fit_concept_head(features, flipped, steps=50, known=known)
+    c = fit_concept_head(features, flipped, steps=50)
+    assert torch.allclose(a.linear.weight, b.linear.weight, atol=1e-6)
+    assert not torch.allclose(a.linear.weight[-1], c.linear.weight[-1], atol=1e-3)
+
+
+def test_negative_photos_teach_the_head_no_person(tmp_path, shipped, train_records):
+    """`captioner concepts --negatives`: on coco-mini's training photos alone the head calls plain textures
+    people (half of COCO's photos hold some); fitted with other textures as negatives it stops, on textures it
+    never saw."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def texture(folder, i):
+        base = rng.integers(0, 255, 3)
+        noise = rng.normal(0, 40, (96, 96, 3)).cumsum(axis=int(i % 2))  # streaks: wood, grass, rain
+        Image.fromarray(np.clip(base + noise % 80, 0, 255).astype("uint8")).resize((448, 448)).save(
+            folder / f"{i}.png")
+
+    negatives, unseen = tmp_path / "negatives", tmp_path / "unseen"
+    negatives.mkdir(), unseen.mkdir()
+    for i in range(24):
+        texture(negatives if i < 16 else unseen, i)
+    person = CONCEPTS.index("person")
+    cache = tmp_path / "cache"
+    plain = fit_from_records(train_records, shipped.encoder, cache, progress=False)
+    taught = fit_from_records(train_records, shipped.encoder, cache, progress=False,
+                              negatives=sorted(negatives.iterdir()))
+    features = shipped.encode([shipped.open(p) for p in sorted(unseen.iterdir())])
+    with torch.no_grad():
+        before, after = torch.sigmoid(plain(features))[:, person], torch.sigmoid(taught(features))[:, person]
+    # Measured: mean p(person) 0.61 -> 0.04.
+    assert float(after.mean()) < 0.5 * float(before.mean()), (before, after)
