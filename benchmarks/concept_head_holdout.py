@@ -26,6 +26,7 @@ from captioner.grounding import (
     concept_labels,
     fit_concept_head,
     negative_records,
+    negative_targets,
     pooled_features,
 )
 from captioner.imagefiles import find_images
@@ -72,24 +73,23 @@ def main() -> None:
         paths = find_images(args.negatives, recursive=True)[0]
         _, negative_x = pooled_features(negative_records(paths), encoder, args.cache_dir)
         fit_negatives, held_out_negatives = negative_x[0::2], negative_x[1::2]
-        known = torch.ones(len(fit_negatives), labels.size(1), dtype=torch.bool)
-        known[:, CONCEPTS.index("several")] = False
+        negative_y, negative_known = negative_targets(len(fit_negatives))
         rows[f"+ {len(fit_negatives)} negatives"] = (
-            torch.cat([fit_x, fit_negatives]), torch.cat([fit_y, torch.zeros(len(fit_negatives), labels.size(1))]),
-            torch.cat([torch.ones_like(fit_y, dtype=torch.bool), known]))
+            torch.cat([fit_x, fit_negatives]), torch.cat([fit_y, negative_y]),
+            torch.cat([torch.ones_like(fit_y, dtype=torch.bool), negative_known]))
 
     results = {}
     present = [c for c in range(labels.size(1) - 1) if test_y[:, c].any()]  # the 80 categories held out photos name
     for name, (x, y, known) in rows.items():
         head = fit_concept_head(x, y, known=known)
         with torch.no_grad():
-            probs = torch.sigmoid(head.linear((test_x - head.mean) / head.std))
+            probs = torch.sigmoid(head.classify(test_x))
             row = {"person AUC": auc(probs[:, PERSON], test_y[:, PERSON]),
                    "mAP": sum(average_precision(probs[:, c], test_y[:, c]) for c in present) / len(present),
                    "mean p(person), held-out COCO photos without people":
                        float(probs[:, PERSON][test_y[:, PERSON] == 0].mean())}
             if held_out_negatives is not None:
-                negative_probs = torch.sigmoid(head.linear((held_out_negatives - head.mean) / head.std))
+                negative_probs = torch.sigmoid(head.classify(held_out_negatives))
                 row["mean p(person), held-out negatives"] = float(negative_probs[:, PERSON].mean())
                 row["held-out negatives with p(person) > 0.5"] = float((negative_probs[:, PERSON] > 0.5).float().mean())
         results[name] = row

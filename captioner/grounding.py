@@ -53,8 +53,12 @@ class ConceptHead(nn.Module):
         features = features.float()
         return torch.cat([features.mean(dim=1), features.amax(dim=1)], dim=-1)  # (B, 2D)
 
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled features (B, 2D) -> concept logits (B, C)."""
+        return self.linear((pooled - self.mean) / self.std)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear((self.pool(features) - self.mean) / self.std)
+        return self.classify(self.pool(features))
 
 
 def concept_labels(references: Sequence[str]) -> torch.Tensor:
@@ -183,6 +187,14 @@ def negative_records(paths: Sequence[Path]) -> list[ImageRecord]:
     return [ImageRecord(NEGATIVE_IDS + i, path, ()) for i, path in enumerate(paths)]
 
 
+def negative_targets(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (count, C) and which of them are known (count, C) for negative photos: 0 for the 80 categories,
+    "several" unknown (a wallpaper of leaves may well be many of something)."""
+    known = torch.ones(count, len(CONCEPTS), dtype=torch.bool)
+    known[:, CONCEPTS.index("several")] = False
+    return torch.zeros(count, len(CONCEPTS)), known
+
+
 def pooled_features(records: Sequence[ImageRecord], encoder: Encoder, cache_root: str | Path,
                     progress: bool = True) -> tuple[list[ImageRecord], torch.Tensor]:
     """The records whose photos could be read and their pooled features (N, 2D), through the feature cache."""
@@ -198,8 +210,7 @@ def fit_from_records(records: Sequence[ImageRecord], encoder: Encoder, cache_roo
 
     `negatives`: photos of no COCO category that are not COCO-like (wallpapers, textures). COCO alone never
     shows the head a photo without people that is not a COCO scene, so it gives p(person) 0.4-0.9 to a brick
-    wall; these teach it 0 for the 80 categories. Their "several" stays unknown (no loss): a wallpaper of
-    leaves may well be many of something."""
+    wall; these teach it 0 for the 80 categories (`negative_targets`)."""
     kept, pooled = pooled_features(records, encoder, cache_root, progress)
     labels = torch.stack([concept_labels(r.captions) for r in kept])  # (N, C)
     known = torch.ones_like(labels, dtype=torch.bool)
@@ -207,11 +218,9 @@ def fit_from_records(records: Sequence[ImageRecord], encoder: Encoder, cache_roo
         negative, negative_pooled = pooled_features(negative_records(negatives), encoder, cache_root, progress)
         if not negative:
             raise ValueError("none of the negative photos could be read")
-        pooled = torch.cat([pooled, negative_pooled])
-        labels = torch.cat([labels, torch.zeros(len(negative), labels.size(1))])
-        unknown_several = torch.ones(len(negative), labels.size(1), dtype=torch.bool)
-        unknown_several[:, CONCEPTS.index("several")] = False
-        known = torch.cat([known, unknown_several])
+        negative_labels, negative_known = negative_targets(len(negative))
+        pooled, labels = torch.cat([pooled, negative_pooled]), torch.cat([labels, negative_labels])
+        known = torch.cat([known, negative_known])
     return fit_concept_head(pooled, labels, known=known, **fit_options)
 
 
@@ -231,7 +240,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Path:
     records = load_coco_captions(args.train_captions, args.train_images)
-    negatives = find_images(args.negatives, recursive=True)[0] if args.negatives else []
+    negatives, _ = find_images(args.negatives, recursive=True)
     if args.negatives and not negatives:
         raise SystemExit(f"no images in {', '.join(map(str, args.negatives))}")
     encoder = Encoder(args.encoder, image_size=args.image_size)

@@ -34,8 +34,8 @@ EXCLUDED = {
     "pixels-d", "pixels-l",  # icons of things
     "firstgeneration", "the-mouse",  # cartoon characters
 }
-# colobot's textures: only the natural ones (ground, sky, planets, water, wood); its machines, faces, effects and
-# the 40 greyscale relief maps (every fourth kept) are not what a photo without people looks like.
+# colobot's textures: only the natural ones (ground, sky, planets, water, wood) and every fourth of its 40
+# greyscale relief maps (so that they do not outnumber the rest); its machines, faces and effects are left out.
 COLOBOT_KEPT = re.compile(r"^(back|chili|cloud|desert|dirty|green|lava|mars|mix|moon|wood|planet|roca|terra|water)")
 COLOBOT_RELIEF = re.compile(r"^relief(\d+)$")
 
