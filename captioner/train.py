@@ -72,9 +72,9 @@ from .model import AttentionDecoder, CaptionerConfig, DecoderOutput, caption_los
 from .usage import check_output_dir
 from .utils import (
     args_record,
-    drop_rows_from,
     optimizer_step,
     plot_training_curves,
+    restore_metrics_rows,
     restore_rng,
     rng_state,
     set_seed,
@@ -357,6 +357,7 @@ class TrainingState:
     bad_epochs: int = 0  # epochs since it last improved
     top_epochs: list[tuple[float, int]] = field(default_factory=list)  # (val score, epoch) of the N best epochs
     rng: list[dict[str, Any]] = field(default_factory=list)  # every rank's RNG state, in rank order
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl's rows, epochs 1..`epoch`
 
     def record(self, epoch: int, score: float) -> bool:
         """Count a finished epoch with this validation score; True if it is the best so far."""
@@ -375,6 +376,7 @@ class TrainingState:
             "bad_epochs": self.bad_epochs,
             "rng": self.rng,
             "top_epochs": [list(pair) for pair in self.top_epochs],
+            "rows": self.rows,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -386,6 +388,7 @@ class TrainingState:
         self.epoch, self.best_score, self.bad_epochs = state["epoch"], state["best_score"], state["bad_epochs"]
         self.top_epochs = [(float(score), int(e)) for score, e in state.get("top_epochs", [])]
         self.rng = state["rng"]
+        self.rows = state.get("rows")  # None in a last.pt written before checkpoints carried the rows
 
     def restore_rng(self, env: DistributedEnv, device: torch.device) -> None:
         """This rank's saved RNG state (rank 0's when the run had fewer processes)."""
@@ -548,8 +551,7 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
                  args.monitor, state.best_score)
 
     metrics_file = args.output_dir / "metrics.jsonl"
-    if env.is_main:
-        drop_rows_from(metrics_file, state.epoch + 1)  # rows of an epoch that was killed before its checkpoint
+    state.rows = restore_metrics_rows(metrics_file, state.epoch, state.rows, write=env.is_main)
     best_metrics: dict[str, Any] = start.resume.metrics if start.resume is not None else {}
     for epoch in range(state.epoch + 1, args.epochs + 1):
         if state.bad_epochs >= args.patience:
@@ -572,6 +574,7 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
         if state.scheduler is not None:
             state.scheduler.step(score) if args.lr_schedule == "plateau" else state.scheduler.step()
         row["best"] = improved = state.record(epoch, score)
+        state.rows.append(row)
         log_epoch(row, predictions, args)
         state.rng = gather_objects(rng_state(device), env)  # every rank's, so each resumes its own stream
         if env.is_main:
@@ -586,8 +589,8 @@ def run_training(args: argparse.Namespace, env: DistributedEnv, device: torch.de
             with progress.uninterrupted():
                 save_checkpoint(args.output_dir / "last.pt", decoder, vocab, encoder.name, encoder.preprocessing,
                                 metrics=best_metrics, training=state.state_dict(), encoder_state=encoder_state)
-                with metrics_file.open("a") as f:  # after the checkpoint: a logged epoch is always resumable
-                    f.write(json.dumps(row) + "\n")
+                with metrics_file.open("a") as f:  # after the checkpoint, which carries the row too: a kill in
+                    f.write(json.dumps(row) + "\n")  # between loses nothing (--resume writes it)
     if env.is_main:
         plot_training_curves(metrics_file, args.output_dir / "training_curves.png")
         if args.average_best and state.top_epochs:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import atomic_path
 from .distributed import SINGLE_PROCESS, DistributedEnv
 
 
@@ -86,14 +87,20 @@ def args_record(args: argparse.Namespace) -> dict[str, Any]:
             for k, v in vars(args).items() if not callable(v)}
 
 
-def drop_rows_from(metrics_file: Path, epoch: int) -> None:
-    """Remove the metrics rows of `epoch` and later (an epoch killed before its checkpoint was written)."""
-    if not metrics_file.exists():
-        return
-    rows = [line for line in metrics_file.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["epoch"] < epoch]
-    if len(kept) != len(rows):
-        metrics_file.write_text("".join(line + "\n" for line in kept))
+def restore_metrics_rows(metrics_file: Path, epoch: int, saved_rows: list[dict] | None,
+                         write: bool = True) -> list[dict]:
+    """Make metrics.jsonl hold the rows of epochs 1..`epoch` (the last one last.pt finished), and return them.
+    They come from last.pt (`saved_rows`), so an epoch killed after its checkpoint but before its row keeps its
+    row, and one killed before its checkpoint loses the row it may have written. A last.pt from before
+    checkpoints carried rows (None): the file's own rows up to `epoch`. Written atomically, if `write` (the
+    main process)."""
+    file_rows = ([json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+                 if metrics_file.exists() else [])
+    rows = list(saved_rows) if saved_rows is not None else [row for row in file_rows if row["epoch"] <= epoch]
+    if write and rows != file_rows:
+        with atomic_path(metrics_file) as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
 
 
 def plot_training_curves(metrics_file: Path, out: Path) -> None:
