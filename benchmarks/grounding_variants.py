@@ -9,12 +9,15 @@ A variant is FORM:STRENGTH[:PARAM]; the bias added to a word naming concept c (p
   pmi:s[:cap]   s log (p / prior(c)), at most s cap       (prior: c's share of the training photos' captions)
   cover:s:r     s log p + r where p > 0.5                 (a reward for naming what the image shows)
   floor:s:e     s log (p + e)                             (a softer penalty for what it does not)
+  rerank:s:K    no bias: beam K's K captions (the decoding's length penalty), re-ranked by their score plus
+                s log p for each object they name (captioner.grounding explains why this was not the way chosen)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,7 +31,7 @@ from captioner.grounding import (
     concept_word_table,
     load_concept_head,
 )
-from captioner.hallucination import hallucination_scores
+from captioner.hallucination import caption_objects, hallucination_scores
 from captioner.metrics import fast_scores
 from captioner.options import RECOMMENDED, DecodingOptions
 
@@ -47,7 +50,7 @@ class VariantBias(GroundedDecoder):
         self.form, self.param, self.log_prior = form, param, log_prior
 
     def word_bias(self, features: torch.Tensor) -> torch.Tensor:
-        log_p = self.concept_log_probs(features)  # (B, C)
+        log_p = self.head.log_probs(features)  # (B, C)
         s, param = self.strength, self.param
         if self.form == "logp":
             per_concept = s * log_p
@@ -66,6 +69,18 @@ class VariantBias(GroundedDecoder):
 def parse_variant(text: str) -> tuple[str, float, float | None]:
     form, strength, *rest = text.split(":")
     return form, float(strength), float(rest[0]) if rest else None
+
+
+def rerank(result, log_p: torch.Tensor, concepts: tuple[str, ...], strength: float, length_penalty: float) -> str:
+    """The candidate with the best length-normalised log-probability plus strength * log p(c | image) summed over
+    the objects c it names. log_p: (C,) for this image."""
+    index = {concept: i for i, concept in enumerate(concepts)}
+
+    def score(candidate) -> float:
+        grounded = sum(float(log_p[index[m.category]]) for m in caption_objects(candidate.caption))
+        return candidate.log_prob / len(candidate.words) ** length_penalty + strength * grounded
+
+    return max(result.candidates, key=score).caption
 
 
 def main() -> None:
@@ -90,13 +105,19 @@ def main() -> None:
     options = DecodingOptions(**{**RECOMMENDED, **args.decoding})
 
     for variant in ["none", *args.variants]:
-        captioner.step_decoder = plain if variant == "none" else VariantBias(
-            plain, head, word_table, *parse_variant(variant), log_prior)
+        form, strength, param = parse_variant(variant) if variant != "none" else ("none", 0.0, None)
+        reranking = form == "rerank"
+        captioner.step_decoder = plain if form in ("none", "rerank") else VariantBias(
+            plain, head, word_table, form, strength, param, log_prior)
+        run_options = replace(options, beam_size=int(param), num_captions=int(param)) if reranking else options
         predictions = {}
         for i in range(0, len(records), 16):
-            for record, result in zip(records[i:i + 16], captioner.caption_features(features[i:i + 16], options),
-                                      strict=True):
-                predictions[record.image_id] = result.caption
+            batch = features[i:i + 16]
+            log_p = head.log_probs(batch).detach() if reranking else None
+            for j, (record, result) in enumerate(zip(records[i:i + 16], captioner.caption_features(batch, run_options),
+                                                     strict=True)):
+                predictions[record.image_id] = (rerank(result, log_p[j], head.concepts, strength,
+                                                       options.length_penalty) if reranking else result.caption)
         scores = {"CIDEr-D": fast_scores(predictions, references)["CIDEr"],
                   **hallucination_scores(predictions, references)}
         print(json.dumps({"set": args.set, "variant": variant, "decoding": args.decoding,

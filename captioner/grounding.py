@@ -60,6 +60,10 @@ class ConceptHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classify(self.pool(features))
 
+    def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, D) -> log p(concept | image) (B, C), floored at MIN_LOG_PROB."""
+        return F.logsigmoid(self(features)).clamp(min=MIN_LOG_PROB)
+
 
 def concept_labels(references: Sequence[str]) -> torch.Tensor:
     """(C,) 1 for every concept an image's reference captions mention ("several": any of them says more than one)."""
@@ -125,13 +129,9 @@ class GroundedDecoder:
         self.decoder, self.head, self.strength = decoder, head, strength
         self.word_table = word_table  # (C, V)
 
-    def concept_log_probs(self, features: torch.Tensor) -> torch.Tensor:
-        """features (B, L, D) -> log p(concept | image) (B, C), floored at MIN_LOG_PROB."""
-        return F.logsigmoid(self.head(features)).clamp(min=MIN_LOG_PROB)
-
     def word_bias(self, features: torch.Tensor) -> torch.Tensor:
         """features (B, L, D) -> (B, V): strength * the sum of log p(concept) over the concepts a word names."""
-        log_p = self.concept_log_probs(features)  # (B, C)
+        log_p = self.head.log_probs(features)  # (B, C)
         return self.strength * log_p @ self.word_table.to(log_p.device)
 
     def init_state(self, features: torch.Tensor) -> GroundedState:
