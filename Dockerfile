@@ -12,11 +12,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-COPY pyproject.toml README.md ./
-# The shipped model's graphs are package data (captioner/weights/onnx/): `pip install .` installs them with the code.
-COPY captioner ./captioner
+# Only the service's entry point is copied; uvicorn imports it from /app.
 COPY service ./service
-RUN pip install . && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+# The package is installed from the build context through a bind mount, not copied in: the image then holds one
+# copy of the code and of the shipped model's graphs (captioner/weights/onnx/, package data) in site-packages, and
+# no pip build folder (~70 MB less than COPY + `pip install .`). The check fails the build if torch came along.
+RUN --mount=type=bind,target=/src,rw pip install /src \
+ && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
 
 RUN useradd --create-home --uid 1000 captioner
 USER captioner
