@@ -65,19 +65,28 @@ def test_onnx_step_matches_torch_step_on_real_photos(shipped, coco_mini, tmp_pat
 
 
 def test_both_engines_caption_12_photos_alike(shipped, coco_mini, tmp_path):
-    """The same captions (and log p) from torch and from ONNX Runtime, fp32 graphs and the shipped int8 ones,
-    with the recommended decoding (beam 2, no repeated bigram), and greedy."""
+    """torch against ONNX Runtime with the recommended decoding (beam 2, no repeated bigram), and greedy. The fp32
+    graphs give torch's captions and log p. The shipped int8 graphs may turn a near-tie the other way: which
+    ones depends on the CPU (ONNX Runtime's int8 kernels round differently with and without AVX-512 VNNI; on
+    coco-3k val 4-8% of captions differ, within 0.01 CIDEr: docs/performance.md), so they must give torch's
+    caption on at least 9 of the 12 photos, with log p within 0.01 per word wherever the caption is the same."""
     photos = _val_photos(coco_mini, 12)
     expected = shipped.caption(photos)
     export_bundle(default_checkpoint_path({}), tmp_path / "fp32", quantize=False)
     for bundle in (load_bundle(tmp_path / "fp32"), load_bundle()):
         got = bundle.caption(photos)
-        assert [r.caption for r in got] == [r.caption for r in expected], bundle.folder
-        for g, e in zip(got, expected, strict=True):
-            assert g.candidates[0].alphas.shape == tuple(e.candidates[0].alphas.shape)
-            # int8 rounding moves log p a little: per word, within 0.01 (fp32: the same to float rounding)
-            tolerance = 0.01 if bundle.quantized else 1e-4
-            assert abs(g.candidates[0].mean_log_prob - e.candidates[0].mean_log_prob) < tolerance
+        same = [g.caption == e.caption for g, e in zip(got, expected, strict=True)]
+        if bundle.quantized:
+            assert sum(same) >= 9, ([r.caption for r in got], [r.caption for r in expected])
+        else:
+            assert [r.caption for r in got] == [r.caption for r in expected], bundle.folder
+        tolerance = 0.01 if bundle.quantized else 1e-4  # fp32: the same to float rounding
+        for g, e, is_same in zip(got, expected, same, strict=True):
+            got_shape, expected_shape = g.candidates[0].alphas.shape, tuple(e.candidates[0].alphas.shape)  # (T, L)
+            assert got_shape[1] == expected_shape[1]
+            if is_same:
+                assert got_shape == expected_shape
+                assert abs(g.candidates[0].mean_log_prob - e.candidates[0].mean_log_prob) < tolerance
     greedy = recommended_options(method="greedy", no_repeat_ngram_size=0)
     assert [r.caption for r in load_bundle(tmp_path / "fp32").caption(photos[:4], greedy)] == \
         [r.caption for r in shipped.caption(photos[:4], greedy)]
